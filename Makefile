@@ -1,0 +1,62 @@
+# maw — two commands on a fresh machine: `make up` runs the mesh, `make test` runs the whole suite.
+# Both create .venv and install everything they need (pinned in requirements/) on their own.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Where `buf breaking` looks for the previous contracts; skipped when that ref has no protos/.
+BREAKING_AGAINST ?= .git\#branch=main
+PYTEST_ARGS ?=
+
+.PHONY: up test lint typecheck protos-lint breaking generate unit integration bench clean help
+
+help:
+	@echo "make up        run the whole mesh (PostgreSQL, Redis, services, Envoy) until Ctrl-C"
+	@echo "make test      ruff, mypy, buf lint/breaking, then every pytest test"
+	@echo "make generate  regenerate gen/python from protos/ with buf"
+	@echo "make bench     run the benchmarks under bench/ (JSON on the last line)"
+
+$(STAMP): requirements/agent.txt requirements/server.txt requirements/dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements/dev.txt
+	# Our own packages are used in place: the repo root (services, deploy, tests), generated
+	# contracts and the agent are put on the venv's path instead of being installed as copies.
+	printf '%s\n' "$(CURDIR)" "$(CURDIR)/gen/python" "$(CURDIR)/agent" \
+		> "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/maw-dev.pth"
+	touch $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/python -m deploy.local up
+
+generate: $(STAMP)
+	$(BIN)/buf generate
+
+protos-lint: $(STAMP)
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+
+breaking: $(STAMP)
+	@if git cat-file -e "$$(echo '$(BREAKING_AGAINST)' | sed 's/.*branch=//'):protos" 2>/dev/null; then \
+		$(BIN)/buf breaking --against '$(BREAKING_AGAINST)'; \
+	else echo "buf breaking: no earlier protos/ at $(BREAKING_AGAINST); nothing to compare"; fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck protos-lint breaking
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration tests/e2e $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Ways to run maw: container images, compose, Kubernetes, and the local stack (no Docker)."""

@@ -1,0 +1,1 @@
+"""maw's server side: the registry, scheduler and evaluator services and their shared runtime."""
