@@ -1,0 +1,1 @@
+"""Container images of maw (Dockerfiles) and the compose healthcheck script they ship."""
