@@ -11,6 +11,7 @@ import glob
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import string
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,8 @@ import grpc
 import psycopg
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.runtime.auth import SERVICE_CREDENTIAL_PREFIX, generate_key_pair, new_secret, secret_hash
 
 from ._procs import Child
 
@@ -204,8 +208,56 @@ class Stack:
 
     # -- services --------------------------------------------------------------------------------------
 
+    # -- secrets -------------------------------------------------------------------------------------------
+
+    @property
+    def secrets_dir(self) -> Path:
+        """Keys and credentials generated once for this data directory (docs/security.md)."""
+        return self.data_dir / "secrets"
+
+    def _secret_file(self, name: str, make: Callable[[], str]) -> str:
+        path = self.secrets_dir / name
+        if not path.exists():
+            self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(make())
+        return path.read_text().strip()
+
+    def service_credential(self, name: str) -> str:
+        """The credential service ``name`` authenticates internal calls with (``maw_svc_…``)."""
+        return self._secret_file(f"{name}.credential", lambda: new_secret(SERVICE_CREDENTIAL_PREFIX))
+
+    @property
+    def admin_password(self) -> str:
+        """The password of the first admin (user ``admin``), generated once per data directory."""
+        return os.environ.get("MAW_ADMIN_PASSWORD") or self._secret_file(
+            "admin-password", lambda: secrets.token_urlsafe(18)
+        )
+
+    def jwt_keys(self) -> tuple[Path, Path]:
+        """The Ed25519 key pair that signs access tokens: (private, public), generated once."""
+        private, public = self.secrets_dir / "jwt-private.pem", self.secrets_dir / "jwt-public.pem"
+        if not (private.exists() and public.exists()):
+            self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            generate_key_pair(private, public)
+        return private, public
+
+    def _auth_env(self, name: str) -> dict[str, str]:
+        private, public = self.jwt_keys()
+        hashes = ",".join(f"{s}:{secret_hash(self.service_credential(s))}" for s in SERVICES)
+        env = {
+            "MAW_JWT_PUBLIC_KEY_FILE": os.environ.get("MAW_JWT_PUBLIC_KEY_FILE", str(public)),
+            "MAW_SERVICE_CREDENTIAL": self.service_credential(name),
+            "MAW_SERVICE_CREDENTIAL_HASHES": hashes,
+            **{f"MAW_{s.upper()}_ADDR": f"127.0.0.1:{self.ports.service(s)}" for s in SERVICES},
+        }
+        if name == "registry":
+            env["MAW_JWT_PRIVATE_KEY_FILE"] = os.environ.get("MAW_JWT_PRIVATE_KEY_FILE", str(private))
+            env["MAW_ADMIN_PASSWORD"] = self.admin_password
+        return env
+
     def service_env(self, name: str) -> dict[str, str]:
-        """Environment of service ``name``: its port and the shared URLs."""
+        """Environment of service ``name``: its port, the shared URLs, its keys and credentials."""
         env = dict(os.environ)
         env.update(
             {
@@ -215,6 +267,7 @@ class Stack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        env.update(self._auth_env(name))
         env.update(self.extra_env)
         return env
 
@@ -251,6 +304,10 @@ class Stack:
             REGISTRY_PORT=self.ports.registry,
             SCHEDULER_PORT=self.ports.scheduler,
             EVALUATOR_PORT=self.ports.evaluator,
+            REGISTRY_HOST="127.0.0.1",
+            SCHEDULER_HOST="127.0.0.1",
+            EVALUATOR_HOST="127.0.0.1",
+            UPSTREAM_TYPE="STATIC",
             CORS_ORIGIN_REGEX=_origin_regex(origins, self.ports.gateway),
             ACCESS_LOG=str(self.log_dir / "envoy-access.log"),
         )

@@ -19,8 +19,8 @@ from opentelemetry import trace
 _SECRET_PATTERNS = (
     # JWTs (three base64url segments, the first one a JSON header).
     re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}"),
-    # maw's own opaque secrets carry a recognisable prefix (api tokens, agent and enrollment credentials).
-    re.compile(r"\bmaw_(?:pat|agt|enr|rft)_[A-Za-z0-9_-]{8,}"),
+    # maw's own opaque secrets carry a recognisable prefix (api, refresh, enrollment, agent, service).
+    re.compile(r"\bmaw_(?:pat|agt|enr|rft|svc)_[A-Za-z0-9_-]{8,}"),
     # key=value / "key": "value" pairs whose key names a secret.
     re.compile(
         r"(?i)((?:password|passwd|secret|token|credential|authorization|api[_-]?key)[\"']?\s*[:=]\s*[\"']?)"

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from . import cache, db, migrate
+from .auth import Authenticator
 from .config import ServiceSettings
 from .contracts import ContractService, services_in
 from .interceptors import ErrorInterceptor
@@ -43,6 +44,7 @@ class Resources:
     sessions: async_sessionmaker[AsyncSession]
     redis: Redis
     health: health.aio.HealthServicer
+    auth: Authenticator
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -150,11 +152,14 @@ class _Service:
         await self._migrate()
         engine = db.create_engine(settings.database_url, self.definition.schema, settings.db_pool_size)
         redis = cache.create_redis(settings.redis_url)
-        resources = Resources(settings, engine, db.session_factory(engine), redis, self.health)
+        authenticator = Authenticator(self.definition.name, settings, redis)
+        resources = Resources(settings, engine, db.session_factory(engine), redis, self.health, authenticator)
         implemented = await self.definition.build(resources)
+        await authenticator.start()
 
         server = grpc.aio.server(
-            interceptors=[tracing_interceptor(provider), ErrorInterceptor()],
+            # Errors wrap auth, so auth's refusals become statuses with details like any other error.
+            interceptors=[tracing_interceptor(provider), ErrorInterceptor(), authenticator.interceptor()],
             options=server_options(settings),
         )
         for contract in self.contracts:
@@ -185,6 +190,7 @@ class _Service:
             await hook()
         await server.stop(settings.shutdown_grace_s)
         await watcher
+        await authenticator.stop()
         await redis.aclose()
         await engine.dispose()
         provider.shutdown()

@@ -24,6 +24,7 @@ NATURALLY_IDEMPOTENT = {
     "AuthService/Login": "a repeat opens one more session; nothing is done twice",
     "AuthService/Logout": "revoking a revoked session changes nothing",
     "WorkerIntakeService/AuthenticateAgent": "a check, writes nothing",
+    "CredentialIntakeService/AuthenticateApiToken": "a check; only records the token's last use",
     "WorkerIntakeService/ReportWorkers": "last-writer-wins snapshots per worker",
     "EvaluationIntakeService/RegisterTask": "keyed by the task name",
     "EvaluationIntakeService/SubmitResults": "each item keyed by result_id",

@@ -1,0 +1,279 @@
+"""The registry's tables (schema ``registry``) and the queries on them, SQLAlchemy 2 typed.
+
+Two logs have a global sequence that readers resume from (``worker_events``, ``activity``). Their rows are
+inserted under a transaction-scoped advisory lock, so sequences commit in the order they were drawn and a
+reader that saw sequence N can never later find an uncommitted N-1 appear behind it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
+
+from . import filtering
+
+_LOG_LOCKS = {"activity": 0x6D61_7701, "worker_events": 0x6D61_7702}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the registry schema."""
+
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSONB,
+        list[Any]: JSONB,
+    }
+
+
+class User(Base):
+    """A person."""
+
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    display_name: Mapped[str] = mapped_column(Text, default="")
+    email: Mapped[str | None] = mapped_column(Text, unique=True)
+    role: Mapped[int] = mapped_column(SmallInteger)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    password_hash: Mapped[str] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    create_time: Mapped[datetime]
+    update_time: Mapped[datetime]
+    last_login_time: Mapped[datetime | None]
+
+
+class Session(Base):
+    """A refresh-token family: everything descended from one Login."""
+
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    create_time: Mapped[datetime]
+    revoke_time: Mapped[datetime | None]
+
+
+class RefreshToken(Base):
+    """One refresh token of a session (only its hash)."""
+
+    __tablename__ = "refresh_tokens"
+    secret_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    create_time: Mapped[datetime]
+    expire_time: Mapped[datetime]
+    used_time: Mapped[datetime | None]
+    used_request_id: Mapped[str | None] = mapped_column(Text)
+    child_hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class ApiToken(Base):
+    """A personal API token (only its hash)."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    display_name: Mapped[str] = mapped_column(Text, default="")
+    role: Mapped[int] = mapped_column(SmallInteger)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    secret_prefix: Mapped[str] = mapped_column(String(16))
+    expire_time: Mapped[datetime | None]
+    create_time: Mapped[datetime]
+    last_used_time: Mapped[datetime | None]
+    revoke_time: Mapped[datetime | None]
+
+
+class EnrollmentToken(Base):
+    """A token that enrolls machines as workers (only its hash)."""
+
+    __tablename__ = "enrollment_tokens"
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    display_name: Mapped[str] = mapped_column(Text, default="")
+    max_uses: Mapped[int] = mapped_column(Integer)
+    use_count: Mapped[int] = mapped_column(Integer, default=0)
+    expire_time: Mapped[datetime]
+    labels: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    privacy_level: Mapped[int] = mapped_column(SmallInteger, default=0)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    secret_prefix: Mapped[str] = mapped_column(String(16))
+    creator: Mapped[str] = mapped_column(Text)
+    create_time: Mapped[datetime]
+    revoke_time: Mapped[datetime | None]
+
+
+class Worker(Base):
+    """A worker catalog entry (presence itself lives in Redis)."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    display_name: Mapped[str] = mapped_column(Text, default="")
+    hostname: Mapped[str] = mapped_column(Text, default="")
+    agent_version: Mapped[str] = mapped_column(Text, default="")
+    platform: Mapped[str] = mapped_column(Text, default="")
+    tools: Mapped[list[Any]] = mapped_column(JSONB, default=list)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    agent_labels: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    privacy_level: Mapped[int] = mapped_column(SmallInteger, default=0)
+    capacity_slots: Mapped[int] = mapped_column(Integer, default=0)
+    declared_slots: Mapped[int] = mapped_column(Integer, default=0)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    credential_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    enrollment_token_id: Mapped[str | None] = mapped_column(Text, index=True)
+    enroll_request_id: Mapped[str | None] = mapped_column(Text)
+    tool_stats: Mapped[list[Any]] = mapped_column(JSONB, default=list)
+    heartbeat_interval_ms: Mapped[int] = mapped_column(Integer, default=0)
+    session_id: Mapped[str] = mapped_column(Text, default="")
+    create_time: Mapped[datetime]
+    update_time: Mapped[datetime]
+    revoke_time: Mapped[datetime | None]
+    connect_time: Mapped[datetime | None]
+    last_heartbeat_time: Mapped[datetime | None]
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class WorkerEvent(Base):
+    """One change of the worker catalog, with the worker as it was after it (serialised proto)."""
+
+    __tablename__ = "worker_events"
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    worker_id: Mapped[str] = mapped_column(Text)
+    type: Mapped[int] = mapped_column(SmallInteger)
+    time: Mapped[datetime]
+    snapshot: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Activity(Base):
+    """One entry of the append-only activity log."""
+
+    __tablename__ = "activity"
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    entry_id: Mapped[str | None] = mapped_column(Text, unique=True)
+    time: Mapped[datetime]
+    actor_kind: Mapped[int] = mapped_column(SmallInteger)
+    actor_name: Mapped[str] = mapped_column(Text, default="")
+    actor_api_token: Mapped[str] = mapped_column(Text, default="")
+    actor_peer: Mapped[str] = mapped_column(Text, default="")
+    verb: Mapped[str] = mapped_column(Text)
+    resource: Mapped[str] = mapped_column(Text, default="")
+    task: Mapped[str] = mapped_column(Text, default="")
+    subtask: Mapped[str] = mapped_column(Text, default="")
+    worker: Mapped[str] = mapped_column(Text, default="")
+    level: Mapped[int] = mapped_column(SmallInteger)
+    summary: Mapped[str] = mapped_column(Text, default="")
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    service: Mapped[str] = mapped_column(Text)
+    trace_id: Mapped[str] = mapped_column(Text, default="")
+
+
+class Idempotency(Base):
+    """The first answer to a mutating call with a request id (secrets never stored)."""
+
+    __tablename__ = "idempotency"
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    response: Mapped[bytes] = mapped_column(LargeBinary)
+    create_time: Mapped[datetime]
+
+
+# -- ordered logs ----------------------------------------------------------------------------------------------
+
+
+async def lock_log(session: AsyncSession, log: str) -> None:
+    """Serialise appends to ``log`` until this transaction ends (sequences commit in order)."""
+    await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOG_LOCKS[log]})
+
+
+async def last_sequence(session: AsyncSession, model: type[Activity] | type[WorkerEvent]) -> int:
+    """The highest committed sequence of a log (0 when empty)."""
+    value = await session.scalar(select(func.coalesce(func.max(model.sequence), 0)))
+    return int(value or 0)
+
+
+async def first_sequence(session: AsyncSession, model: type[Activity] | type[WorkerEvent]) -> int:
+    """The lowest retained sequence of a log (0 when empty)."""
+    value = await session.scalar(select(func.coalesce(func.min(model.sequence), 0)))
+    return int(value or 0)
+
+
+# -- idempotency -------------------------------------------------------------------------------------------------
+
+
+async def remembered(session: AsyncSession, key: str) -> bytes | None:
+    """The stored answer of an earlier call with this idempotency key."""
+    row = await session.get(Idempotency, key)
+    return row.response if row is not None else None
+
+
+def remember(session: AsyncSession, key: str, response: bytes, now: datetime) -> None:
+    """Store the answer of this call (in the same transaction as its effect)."""
+    session.add(Idempotency(key=key, response=response, create_time=now))
+
+
+# -- activity filter in SQL --------------------------------------------------------------------------------------
+
+_ACTIVITY_COLUMNS: dict[str, Any] = {
+    "verb": Activity.verb,
+    "resource": Activity.resource,
+    "task": Activity.task,
+    "subtask": Activity.subtask,
+    "worker": Activity.worker,
+    "actor.name": Activity.actor_name,
+    "actor.kind": Activity.actor_kind,
+    "level": Activity.level,
+    "service": Activity.service,
+    "time": Activity.time,
+    "sequence": Activity.sequence,
+}
+
+
+def _escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def activity_condition(tree: filtering.Node | None) -> ColumnElement[bool]:
+    """The WHERE clause of an activity filter; every value is a bound parameter."""
+    from sqlalchemy import and_, not_, or_, true
+
+    if tree is None:
+        return true()
+    if isinstance(tree, filtering.Not):
+        return not_(activity_condition(tree.item))
+    if isinstance(tree, filtering.And):
+        return and_(*(activity_condition(i) for i in tree.items))
+    if isinstance(tree, filtering.Or):
+        return or_(*(activity_condition(i) for i in tree.items))
+    column = _ACTIVITY_COLUMNS[tree.field]
+    value = tree.value
+    if tree.wildcard:
+        hit: ColumnElement[bool] = column.like(_escape_like(str(value)) + "%", escape="\\")
+        return hit if tree.op == "=" else not_(hit)
+    if tree.op == ":":
+        result: ColumnElement[bool] = column.ilike("%" + _escape_like(str(value)) + "%", escape="\\")
+        return result
+    ops: dict[str, Any] = {
+        "=": column.__eq__,
+        "!=": column.__ne__,
+        "<": column.__lt__,
+        "<=": column.__le__,
+        ">": column.__gt__,
+        ">=": column.__ge__,
+    }
+    condition: ColumnElement[bool] = ops[tree.op](value)
+    return condition
