@@ -1,0 +1,683 @@
+"""The agent: one stream to the scheduler (AgentService.Connect), slots that run tools, and the rules of
+the protocol (protos/maw/agent/v1/agent_service.proto, header comment) on the agent's side.
+
+`Agent(config).run()` connects, reconnects forever (exponential backoff with full jitter, reset after
+a healthy session), and returns an exit code once `stop()` has finished its work: 0 after a graceful
+stop (finish or hand back running work, deliver results, Goodbye), 130 after an immediate one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import platform
+import random
+import socket
+import sys
+import time
+from collections.abc import Iterable
+from typing import IO
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from maw.agent.v1 import agent_service_pb2 as agent_pb2
+from maw.agent.v1 import agent_service_pb2_grpc as agent_grpc
+from maw.common.v1 import machine_pb2, work_pb2
+
+from maw_agent import __version__
+from maw_agent._backoff import Backoff
+from maw_agent._execution import Execution, ExecutionSettings
+from maw_agent._outbox import Outbox
+from maw_agent._resources import ResourceSampler
+from maw_agent._spool import LeaseKey, ResultSpool, lease_key
+from maw_agent.config import AgentConfig
+from maw_agent.tools import ToolAdapter, ToolInfo, adapters
+
+__all__ = ["PROTOCOL_VERSION", "Agent", "SessionError"]
+
+PROTOCOL_VERSION = 1
+EXIT_IMMEDIATE = 130
+
+log = logging.getLogger("maw_agent")
+
+_DEFAULT_HEARTBEAT_S = 10.0
+_DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
+_WATCHDOG_TICK_S = 0.2
+_GOODBYE_WAIT_S = 5.0
+_HANDBACK_KILL_GRACE_S = 5.0
+_CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.enable_retries", 0),
+)
+_GOOD_DISPOSITIONS = (agent_pb2.RESULT_DISPOSITION_ACCEPTED, agent_pb2.RESULT_DISPOSITION_DUPLICATE)
+
+
+class SessionError(Exception):
+    """A stream ended in a way that calls for a reconnect with backoff."""
+
+
+@dataclasses.dataclass
+class _SessionEnd:
+    healthy: bool
+    # Set after a Drain: reconnect after this delay instead of the backoff's.
+    reconnect_after: float | None = None
+
+
+class Agent:
+    """The maw agent. Create, `await run()`; `stop()` (from a signal handler or a test) ends it."""
+
+    def __init__(self, config: AgentConfig, *, tool_adapters: dict[str, ToolAdapter] | None = None) -> None:
+        self.config = config
+        self._credential = config.read_credential()
+        self._adapters = tool_adapters if tool_adapters is not None else adapters(config.tools)
+        self._by_kind: dict[int, tuple[ToolAdapter, ToolInfo]] = {}
+        self._runs: dict[LeaseKey, Execution] = {}
+        self._outbox = Outbox()
+        self._backoff = Backoff(config.reconnect_initial_s, config.reconnect_max_s)
+        self._settings = ExecutionSettings(
+            work_root=config.work_dir / "workspaces",
+            keep_workspaces=config.keep_workspaces,
+            output_limit_bytes=config.output_limit_bytes,
+            result_output_bytes=config.result_output_bytes,
+            env_allowlist=tuple(config.env_allowlist),
+            credential=self._credential,
+        )
+        self._spool: ResultSpool | None = None
+        self._sampler: ResourceSampler | None = None
+        self._lock_file: IO[str] | None = None
+        # Per session.
+        self._heartbeat_s = _DEFAULT_HEARTBEAT_S
+        self._max_items = config.max_batch_items
+        self._max_bytes = _DEFAULT_MAX_MESSAGE_BYTES
+        self._clock_skew = 0.0
+        self._drain: agent_pb2.Drain | None = None
+        self._drain_event = asyncio.Event()
+        self._stop_sending = False
+        self._goodbye_sent = asyncio.Event()
+        # Lifecycle.
+        self._stopping = False
+        self._immediate = False
+        self._done = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self.exit_code = 0
+        self.connected = asyncio.Event()
+        self.session_id = ""
+        self.sessions = 0
+
+    # --- public ----------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Assignments running now."""
+        return len(self._runs)
+
+    @property
+    def pending_results(self) -> int:
+        """Results waiting for their ResultAck."""
+        return len(self._spool.pending) if self._spool is not None else 0
+
+    def stop(self, *, immediate: bool = False) -> None:
+        """Stop the agent: gracefully (the first call) or at once (`immediate`, or a second call)."""
+        if immediate or self._stopping:
+            if not self._immediate:
+                log.warning("stopping immediately: killing %d running tool(s)", len(self._runs))
+                self._immediate = True
+                self.exit_code = EXIT_IMMEDIATE
+                if self._shutdown_task is not None:
+                    self._shutdown_task.cancel()
+                self._shutdown_task = asyncio.create_task(self._shutdown_now())
+            return
+        self._stopping = True
+        log.info("stopping: no new work; %d assignment(s) running", len(self._runs))
+        self._shutdown_task = asyncio.create_task(self._shutdown())
+
+    async def run(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        await self._start()
+        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        try:
+            while not self._done.is_set():
+                try:
+                    end = await self._session()
+                except (SessionError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
+                    log.warning("stream to %s failed: %s", self.config.server, _describe(exc))
+                    end = _SessionEnd(healthy=False)
+                finally:
+                    self.connected.clear()
+                if self._done.is_set():
+                    break
+                if end.reconnect_after is not None:
+                    self._backoff.reset()
+                    delay = end.reconnect_after
+                else:
+                    if end.healthy:
+                        self._backoff.reset()
+                    delay = self._backoff.next_delay()
+                log.info("reconnecting in %.2f s", delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._done.wait(), timeout=delay)
+        finally:
+            watchdog.cancel()
+            await self._teardown()
+        return self.exit_code
+
+    # --- start and stop --------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        work_dir = self.config.work_dir
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self._settings.work_root.mkdir(parents=True, exist_ok=True)
+        self._lock_file = (work_dir / "agent.lock").open("w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise RuntimeError(f"another maw-agent already uses the work dir {work_dir}") from None
+        self._spool = ResultSpool(work_dir / "spool" / "results.log", fsync=self.config.spool_fsync)
+        if self._spool.pending:
+            log.info("%d result(s) from an earlier run wait for their ack", len(self._spool.pending))
+        self._sampler = ResourceSampler(work_dir)
+        for name, adapter in self._adapters.items():
+            info = await adapter.detect()
+            if info is None:
+                log.warning("tool %s is enabled but not usable on this machine; not offered", name)
+                continue
+            self._by_kind[adapter.kind] = (adapter, info)
+            log.info("tool %s %s ready", name, info.version)
+
+    async def _teardown(self) -> None:
+        for execution in list(self._runs.values()):
+            execution.kill_now()
+        tasks = [execution.task for execution in self._runs.values() if execution.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        if self._shutdown_task is not None and not self._shutdown_task.done():
+            self._shutdown_task.cancel()
+        if self._spool is not None:
+            self._spool.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
+
+    async def _shutdown(self) -> None:
+        grace = self.config.shutdown_grace_s
+        deadline = time.monotonic() + grace
+        while self._runs and time.monotonic() < deadline:
+            await self._wait_changed(deadline - time.monotonic())
+        handed_back = []
+        for execution in list(self._runs.values()):
+            handed_back.append(execution.assignment.lease)
+            execution.stop(
+                work_pb2.OUTCOME_CANCELLED,
+                "agent shutting down: handed back",
+                min(self.config.cancel_grace_s, _HANDBACK_KILL_GRACE_S),
+                discard=True,
+            )
+        if handed_back:
+            log.info("grace period of %g s over: handing back %d assignment(s)", grace, len(handed_back))
+        deadline = time.monotonic() + _HANDBACK_KILL_GRACE_S + 5
+        while self._runs and time.monotonic() < deadline:
+            await self._wait_changed(deadline - time.monotonic())
+        # Deliver the results that finished, so the next start has nothing to resend.
+        deadline = time.monotonic() + self.config.result_ack_wait_s
+        while self.pending_results and time.monotonic() < deadline:
+            await self._wait_changed(deadline - time.monotonic())
+        if self.connected.is_set() or handed_back:
+            await self._say_goodbye(handed_back, agent_pb2.GOODBYE_REASON_SHUTDOWN, "agent stopped", _GOODBYE_WAIT_S)
+        if self.pending_results:
+            log.warning("%d result(s) not acknowledged; they are kept and sent at the next start", self.pending_results)
+        self._done.set()
+
+    async def _shutdown_now(self) -> None:
+        handed_back = [execution.assignment.lease for execution in self._runs.values()]
+        for execution in list(self._runs.values()):
+            execution.discard = True
+            execution.kill_now()
+        await self._say_goodbye(handed_back, agent_pb2.GOODBYE_REASON_SHUTDOWN, "agent stopped at once", 1.0)
+        self._done.set()
+
+    async def _say_goodbye(
+        self, handed_back: list[agent_pb2.Lease], reason: agent_pb2.GoodbyeReason.ValueType, message: str, wait: float
+    ) -> None:
+        if not self.connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.connected.wait(), timeout=wait)
+        if not self.connected.is_set():
+            log.warning("not connected: leaving without Goodbye")
+            return
+        self._goodbye_sent.clear()
+        goodbye = agent_pb2.Goodbye(reason=reason, message=message, handed_back=handed_back)
+        self._outbox.add_control(agent_pb2.ConnectRequest(goodbye=goodbye))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._goodbye_sent.wait(), timeout=wait)
+
+    async def _wait_changed(self, seconds: float) -> None:
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout=max(seconds, 0))
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    # --- the stream ------------------------------------------------------------------------------
+
+    def _channel(self) -> grpc.aio.Channel:
+        if not self.config.tls:
+            return grpc.aio.insecure_channel(self.config.server, options=_CHANNEL_OPTIONS)
+        roots = self.config.tls_ca_file.read_bytes() if self.config.tls_ca_file is not None else None
+        options: list[tuple[str, str | int]] = list(_CHANNEL_OPTIONS)
+        if self.config.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.config.tls_server_name))
+        return grpc.aio.secure_channel(
+            self.config.server, grpc.ssl_channel_credentials(root_certificates=roots), options=options
+        )
+
+    async def _session(self) -> _SessionEnd:
+        timeout = self.config.handshake_timeout_s
+        async with self._channel() as channel:
+            stub = agent_grpc.AgentServiceStub(channel)
+            call = stub.Connect(metadata=(("authorization", f"Bearer {self._credential}"),))
+            tasks: list[asyncio.Task[None]] = []
+            try:
+                await asyncio.wait_for(call.write(self._hello()), timeout)
+                first = await asyncio.wait_for(call.read(), timeout)
+                if first is grpc.aio.EOF:
+                    raise SessionError(f"stream closed before Welcome: {await _status(call)}")
+                assert isinstance(first, agent_pb2.ConnectResponse)
+                if first.WhichOneof("message") != "welcome":
+                    raise SessionError(f"first message was {first.WhichOneof('message')}, not Welcome")
+                self._welcome(first.welcome)
+                started = time.monotonic()
+                self.connected.set()
+                reader = asyncio.create_task(self._read_loop(call), name="reader")
+                sender = asyncio.create_task(self._send_loop(call), name="sender")
+                tasks = [reader, sender, asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
+                drained = asyncio.create_task(self._drain_event.wait())
+                done = asyncio.create_task(self._done.wait())
+                waits: set[asyncio.Future[object]] = {reader, sender, drained, done}  # type: ignore[arg-type]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                drained.cancel()
+                done.cancel()
+                healthy = time.monotonic() - started >= self.config.healthy_session_s
+                if self._drain_event.is_set() or self._done.is_set():
+                    return await self._close_gracefully(call, reader, sender, healthy)
+                if reader.done():
+                    status = await _status(call)
+                    log.warning("scheduler closed the stream: %s", status)
+                    return _SessionEnd(healthy=healthy)
+                return _SessionEnd(healthy=healthy)
+            finally:
+                self.connected.clear()
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    await asyncio.wait(tasks)
+                call.cancel()
+
+    async def _close_gracefully(
+        self,
+        call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse],
+        reader: asyncio.Task[None],
+        sender: asyncio.Task[None],
+        healthy: bool,
+    ) -> _SessionEnd:
+        """Drain or Goodbye: stop writing, half-close, read what is still coming until the deadline."""
+        drain = self._drain
+        self._stop_sending = True
+        self._outbox.ready.set()
+        limit = 1.0 if self._immediate else 5.0
+        if drain is not None and drain.HasField("deadline"):
+            limit = max(0.0, min(30.0, _seconds(drain.deadline) - self._server_now()))
+        await asyncio.wait({sender}, timeout=limit)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(call.done_writing(), timeout=max(limit, 0.1))
+        await asyncio.wait({reader}, timeout=limit)
+        if drain is None:
+            return _SessionEnd(healthy=True)
+        jitter = _duration(drain.reconnect_jitter)
+        log.info("drained (%s): reconnecting within %.2f s", agent_pb2.DrainReason.Name(drain.reason), jitter)
+        return _SessionEnd(healthy=True, reconnect_after=random.uniform(0, jitter))  # noqa: S311 - jitter
+
+    def _hello(self) -> agent_pb2.ConnectRequest:
+        assert self._sampler is not None and self._spool is not None
+        held = [
+            agent_pb2.HeldAssignment(
+                lease=execution.assignment.lease,
+                state=agent_pb2.HELD_STATE_RUNNING,
+                progress_percent=execution.progress_percent,
+                start_time=_timestamp(execution.start_time),
+            )
+            for execution in self._runs.values()
+            if not execution.discard
+        ]
+        held.extend(
+            agent_pb2.HeldAssignment(
+                lease=result.lease,
+                state=agent_pb2.HELD_STATE_FINISHED,
+                progress_percent=100,
+                start_time=result.start_time,
+            )
+            for result in self._spool.pending.values()
+        )
+        hello = agent_pb2.Hello(
+            worker=self.config.worker,
+            protocol_version=PROTOCOL_VERSION,
+            agent_version=__version__,
+            hostname=socket.gethostname(),
+            platform=_platform(),
+            tools=[
+                machine_pb2.Tool(
+                    kind=adapter.kind,
+                    version=info.version,
+                    models=list(info.models),
+                    local_only=info.local_only,
+                    provider=info.provider,
+                    max_concurrency=info.max_concurrency,
+                )
+                for adapter, info in self._by_kind.values()
+            ],
+            labels=self.config.labels,
+            resources=self._sampler.sample(),
+            privacy_level=(
+                work_pb2.PRIVACY_LEVEL_SENSITIVE
+                if self.config.privacy_level == "sensitive"
+                else work_pb2.PRIVACY_LEVEL_NORMAL
+            ),
+            capacity_slots=self.config.capacity_slots,
+            held=held,
+            previous_session_id=self.session_id,
+        )
+        return agent_pb2.ConnectRequest(hello=hello)
+
+    def _welcome(self, welcome: agent_pb2.Welcome) -> None:
+        assert self._spool is not None
+        self.sessions += 1
+        self.session_id = welcome.session_id
+        self._drain = None
+        self._drain_event.clear()
+        self._stop_sending = False
+        self._heartbeat_s = self.config.heartbeat_interval_s or _duration(welcome.heartbeat_interval) or 10.0
+        self._max_items = welcome.max_batch_items if welcome.max_batch_items > 0 else self.config.max_batch_items
+        limit = welcome.max_message_bytes if welcome.max_message_bytes > 0 else _DEFAULT_MAX_MESSAGE_BYTES
+        self._max_bytes = max(64 << 10, int(limit * 0.9))
+        if welcome.HasField("server_time"):
+            skew = _seconds(welcome.server_time) - time.time()
+            self._clock_skew = skew if abs(skew) > 2 else 0.0
+        resumed = {lease_key(grant.lease) for grant in welcome.resumed}
+        for grant in welcome.resumed:
+            execution = self._runs.get(lease_key(grant.lease))
+            if execution is not None and grant.HasField("attempt_deadline"):
+                execution.attempt_deadline = _seconds(grant.attempt_deadline)
+        for lease in welcome.released:
+            self._release(lease)
+        unanswered = [key for key in self._runs if key not in resumed and not self._runs[key].discard]
+        if unanswered:
+            log.warning("Welcome did not answer for %d held assignment(s); they keep running", len(unanswered))
+        self._outbox.new_session(self._spool.pending.values())
+        log.info(
+            "connected to %s as %s (session %s, heartbeat %.1f s, %d resumed, %d released)",
+            welcome.scheduler_replica or self.config.server,
+            welcome.worker or self.config.worker,
+            welcome.session_id,
+            self._heartbeat_s,
+            len(welcome.resumed),
+            len(welcome.released),
+        )
+
+    def _release(self, lease: agent_pb2.Lease) -> None:
+        """The scheduler no longer grants this lease: stop the tool and discard its result."""
+        assert self._spool is not None
+        execution = self._runs.get(lease_key(lease))
+        if execution is not None:
+            execution.stop(
+                work_pb2.OUTCOME_CANCELLED, "lease released by the scheduler", self.config.cancel_grace_s, discard=True
+            )
+        self._spool.forget(lease)
+
+    async def _read_loop(
+        self, call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse]
+    ) -> None:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                return
+            assert isinstance(message, agent_pb2.ConnectResponse)
+            self._dispatch(message)
+
+    def _dispatch(self, message: agent_pb2.ConnectResponse) -> None:
+        kind = message.WhichOneof("message")
+        if kind == "assignments":
+            for assignment in message.assignments.assignments:
+                self._assign(assignment)
+        elif kind == "result_acks":
+            self._acks(message.result_acks.acks)
+        elif kind == "cancels":
+            for cancel in message.cancels.cancels:
+                self._cancel(cancel)
+        elif kind == "heartbeat_ack":
+            for grant in message.heartbeat_ack.leases:
+                execution = self._runs.get(lease_key(grant.lease))
+                if execution is not None and grant.HasField("attempt_deadline"):
+                    execution.attempt_deadline = _seconds(grant.attempt_deadline)
+        elif kind == "drain":
+            log.info("scheduler asks to drain: %s", message.drain.message or message.drain.reason)
+            self._drain = message.drain
+            self._drain_event.set()
+        else:
+            log.warning("ignoring an unexpected %s message", kind)
+
+    async def _send_loop(
+        self, call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse]
+    ) -> None:
+        assert self._spool is not None
+        outbox = self._outbox
+        interval = self.config.flush_interval_ms / 1000
+        while True:
+            await outbox.ready.wait()
+            if self._stop_sending:
+                return
+            if interval and not outbox.full(self._max_items):
+                await asyncio.sleep(interval)
+            messages, has_results = outbox.take(self._max_items, self._max_bytes)
+            if has_results:
+                fd = self._spool.flush()
+                if fd is not None:
+                    try:
+                        await asyncio.to_thread(os.fsync, fd)
+                    except OSError as exc:
+                        # Only when compaction replaced the file meanwhile; it fsynced every pending result.
+                        log.debug("spool fsync: %s", exc)
+            for index, message in enumerate(messages):
+                try:
+                    await call.write(message)
+                except Exception as exc:
+                    outbox.put_back(messages[index:])
+                    log.debug("write failed: %s", exc)
+                    return
+                if message.HasField("goodbye"):
+                    self._goodbye_sent.set()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            if not self._stop_sending:
+                self._outbox.add_control(agent_pb2.ConnectRequest(heartbeat=self._heartbeat()))
+
+    def _heartbeat(self) -> agent_pb2.Heartbeat:
+        assert self._sampler is not None
+        heartbeat = agent_pb2.Heartbeat(
+            resources=self._sampler.sample(),
+            free_slots=max(0, self.config.capacity_slots - len(self._runs)),
+            sent_time=_timestamp(time.time()),
+        )
+        for execution in self._runs.values():
+            if execution.discard:
+                continue
+            heartbeat.running.add(
+                lease=execution.assignment.lease,
+                process_alive=execution.process_alive,
+                last_output_time=_timestamp(execution.last_output_time),
+                progress_percent=execution.progress_percent,
+            )
+        return heartbeat
+
+    # --- assignments -----------------------------------------------------------------------------
+
+    def _assign(self, assignment: agent_pb2.Assignment) -> None:
+        assert self._spool is not None
+        key = lease_key(assignment.lease)
+        if key in self._runs:
+            if not self._runs[key].discard:
+                self._outbox.add_accepted(assignment.lease)
+            return
+        if key in self._spool.pending:
+            return  # finished already; its Result is on its way
+        found = self._by_kind.get(assignment.tool.kind)
+        refusal = self._refusal(assignment, found is not None)
+        if refusal is not None:
+            self._decline(assignment, *refusal)
+            return
+        assert found is not None
+        adapter, info = found
+        execution = Execution(
+            assignment=assignment,
+            adapter=adapter,
+            tool_version=info.version,
+            settings=self._settings,
+            emit_chunk=self._outbox.add_log_chunk,
+            emit_progress=self._outbox.add_progress,
+        )
+        reason = adapter.check(execution.options)
+        if reason is not None:
+            self._decline(assignment, agent_pb2.DECLINE_REASON_UNSUPPORTED, reason)
+            return
+        self._runs[key] = execution
+        self._outbox.add_accepted(assignment.lease)
+        execution.task = asyncio.create_task(self._execute(execution))
+
+    def _refusal(
+        self, assignment: agent_pb2.Assignment, tool_offered: bool
+    ) -> tuple[agent_pb2.DeclineReason.ValueType, str] | None:
+        """Why an assignment cannot start here (before looking at its tool options), or None."""
+        if self._stopping:
+            return agent_pb2.DECLINE_REASON_SHUTTING_DOWN, "the agent is shutting down"
+        if not tool_offered:
+            kind = assignment.tool.kind
+            name = machine_pb2.ToolKind.Name(kind) if kind in _TOOL_KINDS else str(kind)
+            return agent_pb2.DECLINE_REASON_TOOL_UNAVAILABLE, f"tool {name} is not offered here"
+        if len(self._runs) >= self.config.capacity_slots:
+            return agent_pb2.DECLINE_REASON_NO_FREE_SLOT, "all slots are busy"
+        if assignment.workspace.repository:
+            return agent_pb2.DECLINE_REASON_UNSUPPORTED, "git workspaces are not supported by this agent yet"
+        return None
+
+    def _decline(
+        self, assignment: agent_pb2.Assignment, reason: agent_pb2.DeclineReason.ValueType, message: str
+    ) -> None:
+        log.info("declining %s#%d: %s", assignment.lease.subtask, assignment.lease.attempt, message)
+        self._outbox.add_declined(agent_pb2.DeclinedAssignment(lease=assignment.lease, reason=reason, message=message))
+
+    async def _execute(self, execution: Execution) -> None:
+        assert self._spool is not None
+        try:
+            result = await execution.execute()
+        finally:
+            self._runs.pop(execution.key, None)
+            self._notify()
+        if execution.discard:
+            log.info("discarded %s#%d (%s)", *execution.key, execution.stop_message)
+            return
+        self._spool.add(result)
+        self._outbox.add_result(result)
+
+    def _cancel(self, cancel: agent_pb2.Cancel) -> None:
+        execution = self._runs.get(lease_key(cancel.lease))
+        if execution is None:
+            return
+        grace = _duration(cancel.grace_period) or self.config.cancel_grace_s
+        reason = agent_pb2.CancelReason.Name(cancel.reason) if cancel.reason in _CANCEL_REASONS else str(cancel.reason)
+        message = f"cancelled ({reason}){': ' + cancel.message if cancel.message else ''}"
+        log.info("%s#%d %s", *execution.key, message)
+        execution.stop(work_pb2.OUTCOME_CANCELLED, message, grace)
+
+    def _acks(self, acks: Iterable[agent_pb2.ResultAck]) -> None:
+        assert self._spool is not None
+        for ack in acks:
+            self._spool.forget(ack.lease)
+            if ack.disposition not in _GOOD_DISPOSITIONS:
+                log.warning(
+                    "result for %s#%d refused (%s): %s",
+                    ack.lease.subtask,
+                    ack.lease.attempt,
+                    agent_pb2.ResultDisposition.Name(ack.disposition),
+                    ack.message,
+                )
+        self._spool.maybe_compact()
+        self._notify()
+
+    async def _watchdog(self) -> None:
+        """Enforce the attempt deadline and the no-progress limit of every running assignment."""
+        while True:
+            await asyncio.sleep(_WATCHDOG_TICK_S)
+            now = time.time()
+            server_now = now + self._clock_skew
+            for execution in list(self._runs.values()):
+                if execution.stop_outcome is not None:
+                    continue
+                if execution.attempt_deadline is not None and server_now >= execution.attempt_deadline:
+                    execution.stop(work_pb2.OUTCOME_TIMED_OUT, "attempt deadline passed", self.config.cancel_grace_s)
+                    continue
+                silent = execution.no_progress_s
+                if silent is not None and now - execution.last_output_time >= silent:
+                    execution.stop(
+                        work_pb2.OUTCOME_TIMED_OUT, f"no output for {silent:g} s", self.config.cancel_grace_s
+                    )
+
+    def _server_now(self) -> float:
+        return time.time() + self._clock_skew
+
+
+_TOOL_KINDS = frozenset(machine_pb2.ToolKind.values())
+_CANCEL_REASONS = frozenset(agent_pb2.CancelReason.values())
+
+
+def _platform() -> str:
+    machine = platform.machine().lower()
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+    return f"{sys.platform}/{arch}"
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _seconds(stamp: timestamp_pb2.Timestamp) -> float:
+    return stamp.seconds + stamp.nanos / 1e9
+
+
+def _duration(duration: duration_pb2.Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+async def _status(call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse]) -> str:
+    try:
+        code = await call.code()
+        details = await call.details()
+    except Exception as exc:
+        return _describe(exc)
+    return f"{code.name}: {details}" if details else code.name
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
