@@ -58,5 +58,8 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration tests/e2e $(PYTEST_ARGS)
 
+bench: $(STAMP)
+	$(BIN)/python -m bench.throughput
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

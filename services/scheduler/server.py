@@ -1,12 +1,36 @@
-"""Wiring of the scheduler service: which contracts it serves, where, and with which migrations."""
+"""Wiring of the scheduler service: its engine, servicers, migrations, and a drain on SIGTERM."""
 
+from __future__ import annotations
+
+from collections.abc import Mapping
 from pathlib import Path
 
-from services.runtime import ServiceDefinition
+from services.runtime import Resources, ServiceDefinition
+
+from .api import StatsService, TaskService, TemplateService
+from .engine import Engine
+from .settings import SchedulerSettings
+from .stream import AgentService
+
+
+async def build(resources: Resources) -> Mapping[str, object]:
+    """Start this replica's engine and hand out the servicers that use it."""
+    settings = SchedulerSettings()
+    engine = Engine(settings, resources.engine, resources.redis)
+    await engine.start()
+    resources.on_stop.append(engine.drain)
+    return {
+        "maw.scheduler.v1.TaskService": TaskService(settings, resources.engine, engine),
+        "maw.scheduler.v1.TemplateService": TemplateService(resources.engine),
+        "maw.scheduler.v1.StatsService": StatsService(resources.engine, engine),
+        "maw.agent.v1.AgentService": AgentService(engine, settings.hello_timeout_s),
+    }
+
 
 DEFINITION = ServiceDefinition(
     name="scheduler",
     default_port=50052,
     proto_packages=("maw.scheduler.v1", "maw.agent.v1"),
     migrations=Path(__file__).parent / "migrations",
+    build=build,
 )

@@ -20,7 +20,14 @@ from deploy.local import Endpoints, Stack
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole mesh, started once for the session and stopped at its end."""
     data_dir: Path = tmp_path_factory.mktemp("maw-stack")
-    mesh = Stack(data_dir=data_dir, ports=Endpoints.random(), fast_unsafe_postgres=True)
+    # Short heartbeats, leases and backoff so lease expiry and retries happen within a test's patience.
+    timing = {
+        "MAW_HEARTBEAT_INTERVAL_S": "0.5",
+        "MAW_LEASE_TTL_S": "2",
+        "MAW_RETRY_BACKOFF_BASE_S": "0.1",
+        "MAW_UNSCHEDULABLE_CHECK_S": "0.5",
+    }
+    mesh = Stack(data_dir=data_dir, ports=Endpoints.random(), fast_unsafe_postgres=True, extra_env=timing)
     try:
         mesh.start_all()
         yield mesh
@@ -36,3 +43,56 @@ async def channels(stack: Stack) -> AsyncIterator[dict[str, grpc.aio.Channel]]:
     yield opened
     for channel in opened.values():
         await channel.close()
+
+
+# -- credentials (docs/security.md) --------------------------------------------------------------------------
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata that authenticates with ``token``."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def _login(channel: grpc.aio.Channel, username: str, password: str) -> str:
+    from maw.registry.v1 import auth_service_pb2, auth_service_pb2_grpc
+
+    reply = await auth_service_pb2_grpc.AuthServiceStub(channel).Login(
+        auth_service_pb2.LoginRequest(username=username, password=password), timeout=30
+    )
+    token: str = reply.tokens.access_token
+    return token
+
+
+async def _user_token(channels: dict[str, grpc.aio.Channel], admin: str, user_id: str, role: int) -> str:
+    from maw.registry.v1 import resources_pb2, user_service_pb2, user_service_pb2_grpc
+
+    password = f"{user_id}-password-long"
+    await user_service_pb2_grpc.UserServiceStub(channels["registry"]).CreateUser(
+        user_service_pb2.CreateUserRequest(
+            user_id=user_id,
+            user=resources_pb2.User(display_name=user_id, role=role),  # type: ignore[arg-type]
+            password=password,
+            request_id=f"fixture-{user_id}",
+        ),
+        metadata=bearer(admin),
+        timeout=30,
+    )
+    return await _login(channels["registry"], user_id, password)
+
+
+@pytest.fixture(scope="session")
+async def admin_token(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> str:
+    """An access token of the first admin (user `admin`)."""
+    return await _login(channels["registry"], "admin", stack.admin_password)
+
+
+@pytest.fixture(scope="session")
+async def operator_token(channels: dict[str, grpc.aio.Channel], admin_token: str) -> str:
+    """An access token of a user with role operator."""
+    return await _user_token(channels, admin_token, "fixture-operator", 2)
+
+
+@pytest.fixture(scope="session")
+async def viewer_token(channels: dict[str, grpc.aio.Channel], admin_token: str) -> str:
+    """An access token of a user with role viewer."""
+    return await _user_token(channels, admin_token, "fixture-viewer", 1)

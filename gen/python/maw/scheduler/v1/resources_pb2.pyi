@@ -421,6 +421,8 @@ class SubtaskResult(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     TOOL_METADATA_FIELD_NUMBER: _builtins.int
     COMMIT_TIME_FIELD_NUMBER: _builtins.int
+    FINISH_TIME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
     result_id: _builtins.str
     """The scheduler's id of this result (also the evaluator's idempotency key)."""
     attempt: _builtins.int
@@ -461,6 +463,14 @@ class SubtaskResult(_message.Message):
     def commit_time(self) -> _timestamp_pb2.Timestamp:
         """When the result was committed."""
 
+    @_builtins.property
+    def finish_time(self) -> _timestamp_pb2.Timestamp:
+        """When the tool finished, by the agent's clock."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the tool started, by the agent's clock."""
+
     def __init__(
         self,
         *,
@@ -478,10 +488,12 @@ class SubtaskResult(_message.Message):
         error_message: _builtins.str = ...,
         tool_metadata: _struct_pb2.Struct | None = ...,
         commit_time: _timestamp_pb2.Timestamp | None = ...,
+        finish_time: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["commit_time", b"commit_time", "diff", b"diff", "duration", b"duration", "token_usage", b"token_usage", "tool_metadata", b"tool_metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commit_time", b"commit_time", "diff", b"diff", "duration", b"duration", "finish_time", b"finish_time", "start_time", b"start_time", "token_usage", b"token_usage", "tool_metadata", b"tool_metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempt", b"attempt", "commit_time", b"commit_time", "diff", b"diff", "duration", b"duration", "error_message", b"error_message", "exit_code", b"exit_code", "outcome", b"outcome", "output", b"output", "output_truncated", b"output_truncated", "result_id", b"result_id", "summary", b"summary", "token_usage", b"token_usage", "tool_metadata", b"tool_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempt", b"attempt", "commit_time", b"commit_time", "diff", b"diff", "duration", b"duration", "error_message", b"error_message", "exit_code", b"exit_code", "finish_time", b"finish_time", "outcome", b"outcome", "output", b"output", "output_truncated", b"output_truncated", "result_id", b"result_id", "start_time", b"start_time", "summary", b"summary", "token_usage", b"token_usage", "tool_metadata", b"tool_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,166 @@
+"""Which agent runs which ready subtask: eligibility, scoring, fair share. Pure logic.
+
+Score (weights configurable, defaults from DESIGN.md): tool match 50 %, free resources 30 %,
+privacy fit 20 %. Labels, privacy acceptance and the need for a usable tool are hard constraints.
+Tasks share the free slots fairly (round-robin within a priority level) and never exceed their
+own concurrency limit; an agent never gets more than its free slots.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+# maw.common.v1.ToolKind values.
+AI_TOOLS = frozenset({1, 2, 3, 4})
+SHELL, TEST = 5, 6
+SENSITIVE = 2  # maw.common.v1.PrivacyLevel
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Relative weights of the three score parts; normalised when used."""
+
+    tool: float = 0.5
+    resources: float = 0.3
+    privacy: float = 0.2
+
+
+@dataclass
+class AgentView:
+    """An agent as allocation sees it."""
+
+    worker: str
+    tools: dict[int, bool]  # tool kind -> local_only
+    free_slots: int
+    labels: dict[str, str] = field(default_factory=dict)
+    privacy_level: int = 1
+    cpu_percent: float | None = None
+    memory_percent: float | None = None
+    disk_percent: float | None = None
+    avoid: frozenset[tuple[str, str]] = frozenset()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A READY subtask that could be assigned now."""
+
+    task_id: str
+    key: str
+    tool_kind: int
+    required_labels: dict[str, str]
+    privacy_level: int
+    priority: int
+    task_priority: int
+    task_running: int
+    task_max_concurrency: int
+    ready_time: datetime
+
+
+# maw.scheduler.v1.UnschedulableCode values.
+NO_MATCHING_TOOL, NO_MATCHING_LABELS, NO_PRIVACY_FIT, NO_AGENTS, NO_FREE_SLOT = 1, 2, 3, 4, 5
+
+
+def tool_for(agent: AgentView, cand: Candidate) -> int | None:
+    """The tool the agent would run for the candidate, or None if it has none that fits."""
+    if cand.tool_kind in agent.tools:
+        return cand.tool_kind
+    if cand.tool_kind in (SHELL, TEST):
+        return None  # scripted steps need exactly their tool
+    usable = [k for k in sorted(agent.tools) if k in AI_TOOLS]
+    if cand.privacy_level == SENSITIVE:
+        usable.sort(key=lambda k: not agent.tools[k])  # local-only first
+    return usable[0] if usable else None
+
+
+def ineligible(agent: AgentView, cand: Candidate) -> int | None:
+    """Why the agent can never take the candidate (an UnschedulableCode), or None if it can."""
+    if any(agent.labels.get(k) != v for k, v in cand.required_labels.items()):
+        return NO_MATCHING_LABELS
+    if cand.privacy_level == SENSITIVE and agent.privacy_level < SENSITIVE:
+        return NO_PRIVACY_FIT
+    if tool_for(agent, cand) is None:
+        return NO_MATCHING_TOOL
+    return None
+
+
+def _free(value: float | None) -> float:
+    return 0.5 if value is None else max(0.0, min(1.0, (100.0 - value) / 100.0))
+
+
+def score(agent: AgentView, cand: Candidate, weights: Weights = Weights()) -> float:
+    """How well the agent fits the candidate, 0–1 (assumes it is eligible)."""
+    tool = tool_for(agent, cand)
+    tool_score = 1.0 if tool == cand.tool_kind or (cand.tool_kind == 0 and tool is not None) else 0.5
+    resources = 0.4 * _free(agent.cpu_percent) + 0.4 * _free(agent.memory_percent) + 0.2 * _free(agent.disk_percent)
+    if cand.privacy_level == SENSITIVE:
+        privacy = 1.0 if tool is not None and agent.tools.get(tool, False) else 0.5
+    else:
+        privacy = 1.0
+    total = weights.tool + weights.resources + weights.privacy
+    return (weights.tool * tool_score + weights.resources * resources + weights.privacy * privacy) / total
+
+
+def fair_order(cands: Sequence[Candidate]) -> list[Candidate]:
+    """Interleave tasks: highest task priority first, then round-robin between tasks, each task's
+    own subtasks by priority and readiness; tasks running less go first within a level."""
+    by_level: dict[int, dict[str, list[Candidate]]] = defaultdict(lambda: defaultdict(list))
+    for c in cands:
+        by_level[c.task_priority][c.task_id].append(c)
+    out: list[Candidate] = []
+    for level in sorted(by_level, reverse=True):
+        queues = by_level[level]
+        for q in queues.values():
+            q.sort(key=lambda c: (-c.priority, c.ready_time))
+        order = sorted(queues, key=lambda t: (queues[t][0].task_running, queues[t][0].ready_time))
+        depth = 0
+        while True:
+            row = [queues[t][depth] for t in order if depth < len(queues[t])]
+            if not row:
+                break
+            out.extend(row)
+            depth += 1
+    return out
+
+
+def allocate(
+    cands: Iterable[Candidate], agents: Sequence[AgentView], weights: Weights = Weights()
+) -> list[tuple[Candidate, str, int]]:
+    """Assign candidates to agents: (candidate, worker, tool kind) for each assignment made."""
+    free = {a.worker: a.free_slots for a in agents}
+    started: dict[str, int] = defaultdict(int)
+    plan: list[tuple[Candidate, str, int]] = []
+    for cand in fair_order(list(cands)):
+        limit = cand.task_max_concurrency
+        if limit and cand.task_running + started[cand.task_id] >= limit:
+            continue
+        best: tuple[float, AgentView] | None = None
+        for agent in agents:
+            if free[agent.worker] <= 0 or (cand.task_id, cand.key) in agent.avoid:
+                continue
+            if ineligible(agent, cand) is not None:
+                continue
+            s = score(agent, cand, weights)
+            if best is None or s > best[0]:
+                best = (s, agent)
+        if best is None:
+            continue
+        agent = best[1]
+        tool = tool_for(agent, cand)
+        assert tool is not None
+        free[agent.worker] -= 1
+        started[cand.task_id] += 1
+        plan.append((cand, agent.worker, tool))
+    return plan
+
+
+def unschedulable(cand: Candidate, agents: Sequence[AgentView]) -> int | None:
+    """Why no connected agent can ever take the candidate (the most common reason), or None."""
+    if not agents:
+        return NO_AGENTS
+    reasons = [ineligible(a, cand) for a in agents]
+    if any(r is None for r in reasons):
+        return None
+    return max(set(reasons), key=reasons.count)

@@ -1,0 +1,417 @@
+"""The scheduler's core loop over real gRPC, PostgreSQL and Redis: plans, DAG order, leases, results."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import psycopg
+import pytest
+from google.rpc import error_details_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from maw.agent.v1 import agent_service_pb2 as apb
+from maw.common.v1 import machine_pb2, work_pb2
+from maw.scheduler.v1 import resources_pb2 as spb
+from maw.scheduler.v1 import task_service_pb2 as tpb
+from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
+
+from deploy.local import Stack
+from services.runtime.errors import details_from_trailers
+from tests.integration.clients import Metadata, ScriptedAgent, enroll, eventually, login
+
+CLAUDE, GEMINI, SHELL, TEST = (
+    machine_pb2.TOOL_KIND_CLAUDE_CODE,
+    machine_pb2.TOOL_KIND_GEMINI_CLI,
+    machine_pb2.TOOL_KIND_SHELL,
+    machine_pb2.TOOL_KIND_TEST,
+)
+
+
+@pytest.fixture(scope="module")
+async def admin(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> Metadata:
+    return await login(channels["registry"], "admin", stack.admin_password)
+
+
+@pytest.fixture(scope="module")
+def tasks(channels: dict[str, grpc.aio.Channel]) -> tpb_grpc.TaskServiceAsyncStub:
+    return tpb_grpc.TaskServiceStub(channels["scheduler"])
+
+
+@pytest.fixture
+async def agents(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata
+) -> AsyncIterator[list[ScriptedAgent]]:
+    """Agents a test starts with :func:`connect`; all stopped afterwards."""
+    started: list[ScriptedAgent] = []
+    yield started
+    for agent in started:
+        await agent.stop()
+
+
+async def connect(
+    stack: Stack,
+    channels: dict[str, grpc.aio.Channel],
+    admin: Metadata,
+    started: list[ScriptedAgent],
+    tools: list[machine_pb2.ToolKind.ValueType],
+    **kwargs: object,
+) -> ScriptedAgent:
+    worker, credential = await enroll(
+        channels["registry"],
+        admin,
+        f"w-{uuid.uuid4().hex[:8]}",
+        tools,
+        labels=kwargs.pop("labels", None),  # type: ignore[arg-type]
+    )
+    agent = ScriptedAgent(f"127.0.0.1:{stack.ports.scheduler}", worker, credential, tools, **kwargs)  # type: ignore[arg-type]
+    await agent.start()
+    started.append(agent)
+    return agent
+
+
+def graph(*steps: tuple[str, list[str]], tool: int = TEST) -> tpb.SubtaskGraph:
+    return tpb.SubtaskGraph(
+        subtasks=[
+            spb.SubtaskSpec(key=k, dependencies=deps, preferred_tool=machine_pb2.ToolChoice(kind=tool))  # type: ignore[arg-type]
+            for k, deps in steps
+        ]
+    )
+
+
+def new_task(description: str = "test work", **fields: object) -> spb.Task:
+    return spb.Task(description=description, **fields)  # type: ignore[arg-type]
+
+
+async def state_of(tasks: tpb_grpc.TaskServiceAsyncStub, admin: Metadata, name: str) -> int:
+    reply = await tasks.GetTask(tpb.GetTaskRequest(name=name), metadata=admin, timeout=5)
+    state: int = reply.task.state
+    return state
+
+
+async def watch_all(
+    tasks: tpb_grpc.TaskServiceAsyncStub, admin: Metadata, name: str, after: int = 0
+) -> list[tpb.TaskEvent]:
+    """Events of a finished task from ``after`` on (the stream is cut once it is idle)."""
+    events: list[tpb.TaskEvent] = []
+    call = tasks.WatchTask(tpb.WatchTaskRequest(name=name, after_sequence=after), metadata=admin)
+    try:
+        while True:
+            reply = await asyncio.wait_for(call.read(), 3)
+            if not isinstance(reply, tpb.WatchTaskResponse):
+                break
+            events.extend(reply.events)
+    except TimeoutError:
+        pass
+    finally:
+        call.cancel()
+    return events
+
+
+def _violations(err: grpc.aio.AioRpcError) -> list[str]:
+    status = details_from_trailers(err.trailing_metadata())
+    assert status is not None
+    fields = []
+    for any_msg in status.details:
+        bad = error_details_pb2.BadRequest()
+        if any_msg.Unpack(bad):
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+async def test_template_task_runs_to_completion_in_dag_order_on_two_agents(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub,
+    agents: list[ScriptedAgent],
+) -> None:  # fmt: skip
+    a = await connect(stack, channels, admin, agents, [CLAUDE], slots=1)
+    b = await connect(stack, channels, admin, agents, [CLAUDE, GEMINI], slots=1)
+    created = await tasks.CreateTask(
+        tpb.CreateTaskRequest(task=new_task("Add a /health endpoint"), template="templates/develop-feature"),
+        metadata=admin,
+        timeout=10,
+    )
+    name = created.task.name
+    assert [s.key for s in created.subtasks] == ["generate-code", "review-code", "generate-tests", "document"]
+    assert "Add a /health endpoint" in created.subtasks[0].description or created.subtasks[0].display_name
+
+    async def done() -> bool:
+        return await state_of(tasks, admin, name) == spb.TASK_STATE_SUCCEEDED
+
+    await eventually(done, 20, "the task to succeed")
+    events = await watch_all(tasks, admin, name)
+    sequences = [e.sequence for e in events]
+    assert sequences == list(range(1, len(events) + 1)), "events are numbered without gaps"
+    finished = {
+        e.subtask_state_changed.subtask.key: e.sequence
+        for e in events
+        if e.WhichOneof("kind") == "subtask_state_changed"
+        and e.subtask_state_changed.subtask.state == spb.SUBTASK_STATE_SUCCEEDED
+    }
+    started = {
+        e.subtask_state_changed.subtask.key: e.sequence
+        for e in events
+        if e.WhichOneof("kind") == "subtask_state_changed"
+        and e.subtask_state_changed.subtask.state == spb.SUBTASK_STATE_ASSIGNED
+    }
+    assert set(finished) == {"generate-code", "review-code", "generate-tests", "document"}
+    assert started["review-code"] > finished["generate-code"]
+    assert started["generate-tests"] > finished["generate-code"]
+    assert started["document"] > max(finished["review-code"], finished["generate-tests"])
+    assert a.assignments and b.assignments, "both agents took part"
+    prompts = {x.key: x for x in a.assignments + b.assignments}
+    assert "Add a /health endpoint" in prompts["generate-code"].prompt
+    assert [d.key for d in prompts["document"].context.dependencies] == ["review-code", "generate-tests"]
+    assert prompts["document"].context.dependencies[0].summary == "did review-code"
+    kinds = [e.WhichOneof("kind") for e in events]
+    assert kinds[0] == "subtasks_added" and kinds[-1] == "task_state_changed"
+
+
+async def test_watch_resumes_after_a_sequence_with_nothing_missed(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub,
+    agents: list[ScriptedAgent],
+) -> None:  # fmt: skip
+    await connect(stack, channels, admin, agents, [TEST])
+    created = await tasks.CreateTask(
+        tpb.CreateTaskRequest(task=new_task(), graph=graph(("a", []), ("b", ["a"]), ("c", ["b"]))),
+        metadata=admin,
+        timeout=10,
+    )
+
+    async def done() -> bool:
+        return await state_of(tasks, admin, created.task.name) == spb.TASK_STATE_SUCCEEDED
+
+    await eventually(done, 20, "the task to succeed")
+    everything = await watch_all(tasks, admin, created.task.name)
+    tail = await watch_all(tasks, admin, created.task.name, after=4)
+    assert [e.sequence for e in tail] == [e.sequence for e in everything if e.sequence > 4]
+    assert [e.SerializeToString() for e in tail] == [e.SerializeToString() for e in everything[4:]]
+
+
+@pytest.mark.parametrize(
+    ("plan", "field"),
+    [
+        (graph(("a", ["b"]), ("b", ["a"])), "graph.subtasks"),
+        (graph(("a", ["a"])), "graph.subtasks[0].dependencies[0]"),
+        (graph(("a", ["ghost"])), "graph.subtasks[0].dependencies[0]"),
+        (graph(("a", []), ("a", [])), "graph.subtasks[1].key"),
+        (graph(("Bad Key!", [])), "graph.subtasks[0].key"),
+        (graph(("a", []), tool=99), "graph.subtasks[0].preferred_tool.kind"),
+        (tpb.SubtaskGraph(), "graph.subtasks"),
+    ],
+    ids=["cycle", "self", "dangling", "duplicate", "bad-key", "unknown-tool", "empty"],
+)
+async def test_bad_plans_are_refused_naming_the_field_and_nothing_is_written(
+    admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub, plan: tpb.SubtaskGraph, field: str
+) -> None:
+    before = (await tasks.ListTasks(tpb.ListTasksRequest(), metadata=admin, timeout=5)).total_size
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.CreateTask(tpb.CreateTaskRequest(task=new_task(), graph=plan), metadata=admin, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in _violations(err.value)
+    after = (await tasks.ListTasks(tpb.ListTasksRequest(), metadata=admin, timeout=5)).total_size
+    assert after == before
+
+
+async def test_a_cycle_is_reported_with_its_path(admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub) -> None:
+    plan = graph(("a", []), ("b", ["a", "d"]), ("c", ["b"]), ("d", ["c"]))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.CreateTask(tpb.CreateTaskRequest(task=new_task(), graph=plan), metadata=admin, timeout=5)
+    assert "b -> d -> c -> b" in (err.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("task", "field"),
+    [
+        (spb.Task(description=""), "task.description"),
+        (spb.Task(description="x" * (100 * 1024 + 1)), "task.description"),
+        (spb.Task(description="x", priority=9), "task.priority"),  # type: ignore[arg-type]
+        (spb.Task(description="x", max_attempts=99), "task.max_attempts"),
+    ],
+    ids=["empty", "huge", "priority", "attempts"],
+)
+async def test_bad_task_fields_are_refused_naming_the_field(
+    admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub, task: spb.Task, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.CreateTask(tpb.CreateTaskRequest(task=task, graph=graph(("a", []))), metadata=admin, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in _violations(err.value)
+
+
+async def test_unknown_ids_are_not_found(admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub) -> None:
+    for call in (
+        tasks.GetTask(tpb.GetTaskRequest(name="tasks/nope"), metadata=admin, timeout=5),
+        tasks.CancelTask(tpb.CancelTaskRequest(name="tasks/nope"), metadata=admin, timeout=5),
+        tasks.GetSubtask(tpb.GetSubtaskRequest(name="tasks/nope/subtasks/a"), metadata=admin, timeout=5),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.GetTask(tpb.GetTaskRequest(name="projects/x"), metadata=admin, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_create_task_is_idempotent_by_request_id(admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub) -> None:
+    request = tpb.CreateTaskRequest(task=new_task(), graph=graph(("a", [])), request_id=uuid.uuid4().hex)
+    first, second = await asyncio.gather(
+        tasks.CreateTask(request, metadata=admin, timeout=10), tasks.CreateTask(request, metadata=admin, timeout=10)
+    )
+    again = await tasks.CreateTask(request, metadata=admin, timeout=10)
+    assert first.task.name == second.task.name == again.task.name
+
+
+async def test_results_duplicate_and_foreign_are_answered_per_item(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub,
+    agents: list[ScriptedAgent],
+) -> None:  # fmt: skip
+    holder = await connect(stack, channels, admin, agents, [SHELL], behaviour=lambda a: None)
+    other = await connect(stack, channels, admin, agents, [CLAUDE])
+    created = await tasks.CreateTask(
+        tpb.CreateTaskRequest(task=new_task(), graph=graph(("only", []), tool=SHELL)), metadata=admin, timeout=10
+    )
+    await eventually(lambda: holder.assignments, what="the assignment")
+    lease = holder.assignments[0].lease
+    result = apb.Result(lease=lease, outcome=work_pb2.OUTCOME_SUCCEEDED, summary="done")
+    other.send(apb.ConnectRequest(results=apb.ResultBatch(results=[result])))
+    await eventually(lambda: other.acks, what="the foreign ack")
+    assert (other.acks[0].disposition, other.acks[0].code) == (apb.RESULT_DISPOSITION_NOT_HELD, 7)
+    holder.send(apb.ConnectRequest(results=apb.ResultBatch(results=[result])))
+    holder.send(apb.ConnectRequest(results=apb.ResultBatch(results=[result])))
+    await eventually(lambda: len(holder.acks) == 2, what="both acks")
+    first, again = holder.acks
+    assert first.disposition == apb.RESULT_DISPOSITION_ACCEPTED
+    assert again.disposition == apb.RESULT_DISPOSITION_DUPLICATE and again.result_id == first.result_id
+    assert await state_of(tasks, admin, created.task.name) == spb.TASK_STATE_SUCCEEDED
+    with psycopg.connect(stack.database_url) as conn:
+        count = conn.execute(
+            "SELECT count(*) FROM scheduler.results WHERE task_id = %s", (created.task.name.split("/")[1],)
+        ).fetchone()
+    assert count == (1,)
+
+
+async def test_expired_lease_goes_to_another_agent_and_the_old_attempt_is_stale(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub,
+    agents: list[ScriptedAgent],
+) -> None:  # fmt: skip
+    crashing = await connect(stack, channels, admin, agents, [SHELL], behaviour=lambda a: None)
+    created = await tasks.CreateTask(
+        tpb.CreateTaskRequest(task=new_task(), graph=graph(("only", []), tool=SHELL)), metadata=admin, timeout=10
+    )
+    await eventually(lambda: crashing.assignments, what="the first attempt")
+    first = crashing.assignments[0].lease
+    await crashing.stop()  # the agent dies without a word
+    rescuer = await connect(stack, channels, admin, agents, [SHELL])
+    await eventually(lambda: rescuer.acks, timeout=20, what="the second attempt to finish")
+    assert rescuer.assignments[0].lease.attempt == first.attempt + 1
+    assert await state_of(tasks, admin, created.task.name) == spb.TASK_STATE_SUCCEEDED
+    # The first agent comes back with its old result: refused as stale, nothing changes.
+    back = ScriptedAgent(crashing.target, crashing.worker, crashing.credential, [SHELL])
+    back.held = [apb.HeldAssignment(lease=first, state=apb.HELD_STATE_FINISHED)]
+    await back.start()
+    agents.append(back)
+    assert back.welcome is not None and [lease.attempt for lease in back.welcome.released] == [first.attempt]
+    back.send(
+        apb.ConnectRequest(
+            results=apb.ResultBatch(results=[apb.Result(lease=first, outcome=work_pb2.OUTCOME_SUCCEEDED)])
+        )
+    )
+    await eventually(lambda: back.acks, what="the stale ack")
+    assert (back.acks[0].disposition, back.acks[0].code) == (apb.RESULT_DISPOSITION_STALE, 9)
+    with psycopg.connect(stack.database_url) as conn:
+        rows = conn.execute(
+            "SELECT attempt, outcome FROM scheduler.results WHERE task_id = %s", (created.task.name.split("/")[1],)
+        ).fetchall()
+    assert rows == [(first.attempt + 1, work_pb2.OUTCOME_SUCCEEDED)]
+
+
+async def test_cancelling_a_task_reaches_the_running_agent(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub,
+    agents: list[ScriptedAgent],
+) -> None:  # fmt: skip
+    busy = await connect(stack, channels, admin, agents, [SHELL], behaviour=lambda a: None)
+    created = await tasks.CreateTask(
+        tpb.CreateTaskRequest(task=new_task(), graph=graph(("a", []), ("b", ["a"]), tool=SHELL)),
+        metadata=admin,
+        timeout=10,
+    )
+    await eventually(lambda: busy.assignments, what="the assignment")
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    reply = await tasks.CancelTask(
+        tpb.CancelTaskRequest(name=created.task.name, reason="changed my mind"), metadata=admin, timeout=5
+    )
+    assert reply.task.state == spb.TASK_STATE_CANCELLED
+    await eventually(lambda: busy.cancels, timeout=5, what="the Cancel")
+    assert loop.time() - asked < 1.0
+    assert busy.cancels[0].lease == busy.assignments[0].lease
+    subs = await tasks.ListSubtasks(tpb.ListSubtasksRequest(parent=created.task.name), metadata=admin, timeout=5)
+    assert {s.state for s in subs.subtasks} == {spb.SUBTASK_STATE_CANCELLED}
+    again = await tasks.CancelTask(tpb.CancelTaskRequest(name=created.task.name), metadata=admin, timeout=5)
+    assert again.task.state == spb.TASK_STATE_CANCELLED
+
+
+async def test_work_no_agent_can_take_says_why(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub,
+    agents: list[ScriptedAgent],
+) -> None:  # fmt: skip
+    await connect(stack, channels, admin, agents, [TEST])
+    plan = tpb.SubtaskGraph(subtasks=[spb.SubtaskSpec(key="gpu-work", required_labels={"gpu": "a100"})])
+    created = await tasks.CreateTask(tpb.CreateTaskRequest(task=new_task(), graph=plan), metadata=admin, timeout=10)
+    name = created.subtasks[0].name
+
+    async def flagged() -> bool:
+        sub = (await tasks.GetSubtask(tpb.GetSubtaskRequest(name=name), metadata=admin, timeout=5)).subtask
+        return sub.unschedulable_reason.code == spb.UNSCHEDULABLE_CODE_NO_MATCHING_LABELS
+
+    await eventually(flagged, 15, "the unschedulable reason")
+    await tasks.CancelTask(tpb.CancelTaskRequest(name=created.task.name), metadata=admin, timeout=5)
+
+
+async def test_an_agent_cannot_speak_for_another_worker(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata
+) -> None:
+    _, credential = await enroll(channels["registry"], admin, f"w-{uuid.uuid4().hex[:8]}", [TEST])
+    other, _ = await enroll(channels["registry"], admin, f"w-{uuid.uuid4().hex[:8]}", [TEST])
+    impostor = ScriptedAgent(f"127.0.0.1:{stack.ports.scheduler}", other, credential, [TEST])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await impostor.start()
+    await impostor.stop()
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+_keys = st.text(alphabet="abcdefgh-", min_size=0, max_size=6)
+_specs = st.builds(
+    spb.SubtaskSpec,
+    key=_keys,
+    dependencies=st.lists(_keys, max_size=3),
+    complexity=st.integers(-3, 9),
+    priority=st.integers(-5, 2000),
+    max_attempts=st.integers(-1, 30),
+    type=st.integers(0, 12),
+    preferred_tool=st.builds(machine_pb2.ToolChoice, kind=st.integers(0, 9)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    specs=st.lists(_specs, max_size=6),
+    description=st.text(max_size=50),
+    priority=st.integers(-2, 6),
+    labels=st.dictionaries(st.text(max_size=70), st.text(max_size=70), max_size=2),
+)
+async def test_create_task_fuzz_never_makes_the_server_fail(
+    admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub, specs: list[spb.SubtaskSpec], description: str,
+    priority: int, labels: dict[str, str],
+) -> None:  # fmt: skip
+    request = tpb.CreateTaskRequest(
+        task=spb.Task(description=description, priority=priority, labels=labels),  # type: ignore[arg-type]
+        graph=tpb.SubtaskGraph(subtasks=specs),
+        validate_only=True,
+    )
+    try:
+        await tasks.CreateTask(request, metadata=admin, timeout=10)
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
