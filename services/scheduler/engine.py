@@ -456,6 +456,8 @@ class Engine:
                 await asyncio.sleep(0.01 * (attempt + 1))
         for session, items in acks.items():
             session.send(apb.ConnectResponse(result_acks=apb.ResultAckBatch(acks=items)))
+        if acks or inbox.declined or inbox.handed_back:
+            self._wake.set()  # slots were freed on this replica: fill them now, not at the next tick
         await self._deliver_cancels(cancels)
         await self._announce(touched, new_ready)
 
