@@ -111,6 +111,10 @@ class Session:
     last_heartbeat: float = field(default_factory=time.monotonic)
     outbox: asyncio.Queue[apb.ConnectResponse | Closed] = field(default_factory=asyncio.Queue)
     draining: bool = False
+    hello: apb.Hello = field(default_factory=apb.Hello)
+    connect_time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    last_heartbeat_wall: float = field(default_factory=time.time)
+    report_sequence: int = 0
 
     def free_slots(self) -> int:
         """Slots not covered by outstanding assignments."""
@@ -275,6 +279,7 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self.task_listeners: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self.closed_sessions: list[Session] = []
         self.on_assigned: Callable[[int], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -382,10 +387,12 @@ class Engine:
         """Forget a stream that ended; its leases live on until they expire or it comes back."""
         if self.sessions.get(session.worker) is session:
             del self.sessions[session.worker]
+        self.closed_sessions.append(session)
 
     def heartbeat(self, session: Session, beat: apb.Heartbeat) -> None:
         """Record liveness and resources; answer with the renewed lease deadlines."""
         session.last_heartbeat = time.monotonic()
+        session.last_heartbeat_wall = time.time()
         session.resources = beat.resources
         deadline = ts(now_utc() + timedelta(seconds=self.settings.lease_ttl_s))
         grants = []

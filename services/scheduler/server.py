@@ -9,6 +9,7 @@ from services.runtime import Resources, ServiceDefinition
 
 from .api import StatsService, TaskService, TemplateService
 from .engine import Engine
+from .registry_link import RegistryLink
 from .settings import SchedulerSettings
 from .stream import AgentService
 
@@ -18,7 +19,10 @@ async def build(resources: Resources) -> Mapping[str, object]:
     settings = SchedulerSettings()
     engine = Engine(settings, resources.engine, resources.redis)
     await engine.start()
+    link = RegistryLink(settings, engine, resources.engine)
+    await link.start()
     resources.on_stop.append(engine.drain)
+    resources.on_stop.append(link.stop)
     return {
         "maw.scheduler.v1.TaskService": TaskService(settings, resources.engine, engine),
         "maw.scheduler.v1.TemplateService": TemplateService(resources.engine),

@@ -67,6 +67,7 @@ class AgentService(apb_grpc.AgentServiceServicer):
             labels=dict(hello.labels),
             privacy_level=hello.privacy_level or 1,
             resources=hello.resources,
+            hello=hello,
         )
         welcome = await self.engine.open_session(session, hello.held)
         _log.info(

@@ -415,3 +415,47 @@ async def test_create_task_fuzz_never_makes_the_server_fail(
         await tasks.CreateTask(request, metadata=admin, timeout=10)
     except grpc.aio.AioRpcError as err:
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+
+
+async def test_connected_agents_are_online_in_the_registry_and_transitions_reach_the_activity_log(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub,
+    agents: list[ScriptedAgent],
+) -> None:  # fmt: skip
+    from maw.registry.v1 import (
+        activity_service_pb2,
+        activity_service_pb2_grpc,
+        worker_service_pb2,
+        worker_service_pb2_grpc,
+    )
+    from maw.registry.v1 import resources_pb2 as rpb
+
+    agent = await connect(stack, channels, admin, agents, [TEST], slots=3)
+    workers = worker_service_pb2_grpc.WorkerServiceStub(channels["registry"])
+
+    async def online() -> bool:
+        got = await workers.GetWorker(worker_service_pb2.GetWorkerRequest(name=agent.worker), metadata=admin, timeout=5)
+        return got.worker.status == rpb.WORKER_STATUS_ONLINE and got.worker.declared_slots == 3
+
+    await eventually(online, 15, "the worker to be ONLINE in the registry")
+    created = await tasks.CreateTask(
+        tpb.CreateTaskRequest(task=new_task(), graph=graph(("a", []), ("b", ["a"]))), metadata=admin, timeout=10
+    )
+    activity = activity_service_pb2_grpc.ActivityServiceStub(channels["registry"])
+
+    async def logged() -> bool:
+        listed = await activity.ListActivity(
+            activity_service_pb2.ListActivityRequest(filter=f'task = "{created.task.name}"', page_size=100),
+            metadata=admin,
+            timeout=5,
+        )
+        verbs = [e.verb for e in listed.activity_entries]
+        return "task.succeeded" in verbs and verbs.count("subtask.succeeded") == 2
+
+    await eventually(logged, 20, "the task's transitions in the activity log")
+    await agent.stop()
+
+    async def offline() -> bool:
+        got = await workers.GetWorker(worker_service_pb2.GetWorkerRequest(name=agent.worker), metadata=admin, timeout=5)
+        return got.worker.status == rpb.WORKER_STATUS_OFFLINE
+
+    await eventually(offline, 15, "the worker to go OFFLINE once its stream closed")
