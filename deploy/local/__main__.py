@@ -26,6 +26,8 @@ def _banner(stack: Stack) -> str:
         *(f"  {name:<26} localhost:{p.service(name)}" for name in SERVICES),
         f"  PostgreSQL                 {_safe(stack.database_url)}",
         f"  Redis                      {_safe(stack.redis_url)}",
+        "  local agent                workers/local (shell and test tools, 2 slots)",
+        f"  admin password             {stack.secrets_dir / 'admin-password'}",
         f"  logs                       {stack.log_dir}",
         "",
         f"  try: grpcurl -plaintext localhost:{p.registry} list",
@@ -61,7 +63,7 @@ def up(data_dir: Path, random_ports: bool) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        stack.start_all()
+        stack.start_all(agent=True)
         _write_state(stack)
         print(_banner(stack), file=sys.stderr, flush=True)
         while not stop.wait(1.0):

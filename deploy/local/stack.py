@@ -342,8 +342,8 @@ class Stack:
                 time.sleep(0.1)
         raise TimeoutError(f"{name} not ready after {timeout:.0f}s ({last}):\n{child.tail()}")
 
-    def start_all(self) -> None:
-        """Infrastructure, then the three services, then the gateway."""
+    def start_all(self, agent: bool = False) -> None:
+        """Infrastructure, then the three services, then the gateway (then, if asked, a local agent)."""
         self.start_postgres()
         self.start_redis()
         for name in SERVICES:
@@ -351,6 +351,67 @@ class Stack:
         for name in SERVICES:
             self.wait_serving(name, self.ports.service(name))
         self.start_envoy()
+        if agent:
+            self.start_agent()
+
+    # -- the local agent -------------------------------------------------------------------------------
+
+    def _enroll_local_agent(self, worker_id: str) -> str:
+        """Enroll this machine as ``workers/{worker_id}`` through the registry's public API."""
+        from datetime import UTC, datetime, timedelta
+
+        from google.protobuf import timestamp_pb2
+        from maw.common.v1 import machine_pb2
+        from maw.registry.v1 import (
+            auth_service_pb2,
+            auth_service_pb2_grpc,
+            enrollment_service_pb2,
+            enrollment_service_pb2_grpc,
+            resources_pb2,
+        )
+
+        with grpc.insecure_channel(f"127.0.0.1:{self.ports.registry}") as channel:
+            login = auth_service_pb2_grpc.AuthServiceStub(channel).Login(
+                auth_service_pb2.LoginRequest(username="admin", password=self.admin_password), timeout=10
+            )
+            admin = (("authorization", f"Bearer {login.tokens.access_token}"),)
+            stub = enrollment_service_pb2_grpc.EnrollmentServiceStub(channel)
+            expire = timestamp_pb2.Timestamp()
+            expire.FromDatetime(datetime.now(UTC) + timedelta(minutes=10))
+            token = stub.CreateEnrollmentToken(
+                enrollment_service_pb2.CreateEnrollmentTokenRequest(
+                    enrollment_token=resources_pb2.EnrollmentToken(
+                        display_name="make up: this machine", max_uses=1, expire_time=expire
+                    ),
+                    request_id=secrets.token_hex(8),
+                ),
+                metadata=admin,
+                timeout=10,
+            )
+            enrolled = stub.EnrollAgent(
+                enrollment_service_pb2.EnrollAgentRequest(
+                    token=token.secret,
+                    worker_id=worker_id,
+                    hostname=socket.gethostname(),
+                    tools=[machine_pb2.Tool(kind=machine_pb2.TOOL_KIND_SHELL)],
+                    request_id=secrets.token_hex(8),
+                ),
+                timeout=10,
+            )
+        return enrolled.agent_credential
+
+    def start_agent(self, worker_id: str = "local", slots: int = 2) -> Child:
+        """Enroll this machine once per data directory and run a maw-agent for it (shell and test tools)."""
+        credential = self._secret_file(f"agent-{worker_id}.credential", lambda: self._enroll_local_agent(worker_id))
+        argv = [
+            sys.executable, "-m", "maw_agent", "run",
+            "--server", f"127.0.0.1:{self.ports.scheduler}", "--worker", f"workers/{worker_id}",
+            "--credential-file", str(self.secrets_dir / f"agent-{worker_id}.credential"),
+            "--capacity-slots", str(slots), "--work-dir", str(self.data_dir / "agent"),
+            "--tool", "shell", "--tool", "test",
+        ]  # fmt: skip
+        assert credential
+        return self._spawn("agent", argv, cwd=ROOT)
 
     def stop(self) -> None:
         """Stop every child in reverse start order; nothing is left running."""

@@ -51,6 +51,25 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _local_agent_slots(data_dir: Path, ports: dict[str, int]) -> int:
+    from maw.registry.v1 import auth_service_pb2, auth_service_pb2_grpc
+    from maw.scheduler.v1 import stats_service_pb2, stats_service_pb2_grpc
+
+    password = (data_dir / "secrets" / "admin-password").read_text().strip()
+    with grpc.insecure_channel(f"127.0.0.1:{ports['registry']}") as registry:
+        login = auth_service_pb2_grpc.AuthServiceStub(registry).Login(
+            auth_service_pb2.LoginRequest(username="admin", password=password), timeout=5
+        )
+    with grpc.insecure_channel(f"127.0.0.1:{ports['scheduler']}") as scheduler:
+        stats = stats_service_pb2_grpc.StatsServiceStub(scheduler).GetStats(
+            stats_service_pb2.GetStatsRequest(),
+            metadata=(("authorization", f"Bearer {login.tokens.access_token}"),),
+            timeout=5,
+        )
+    slots: int = stats.total_slots
+    return slots
+
+
 def _start_up(data_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     (data_dir / "up.json").unlink(missing_ok=True)
     proc = subprocess.Popen(
@@ -77,11 +96,12 @@ def test_ctrl_c_stops_every_process_and_the_next_start_finds_the_data(tmp_path: 
     try:
         pids: dict[str, int] = state["pids"]  # type: ignore[assignment]
         ports: dict[str, int] = state["ports"]  # type: ignore[assignment]
-        assert set(pids) == {"postgres", "redis", "registry", "scheduler", "evaluator", "envoy"}
+        assert set(pids) == {"postgres", "redis", "registry", "scheduler", "evaluator", "envoy", "agent"}
         descendants = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         assert set(pids.values()) <= descendants
         for name in ("registry", "scheduler", "evaluator", "gateway"):
             assert _status(ports[name]) == SERVING, name
+        _eventually(lambda: _local_agent_slots(tmp_path, ports) == 2, 30, "the local agent to connect")
         with psycopg.connect(str(state["database_url"]), autocommit=True) as conn:
             conn.execute("CREATE TABLE public.survives_restart (note text)")
             conn.execute("INSERT INTO public.survives_restart VALUES ('still here')")
