@@ -280,6 +280,7 @@ class Engine:
         self._stopping = asyncio.Event()
         self.task_listeners: dict[str, set[asyncio.Event]] = defaultdict(set)
         self.closed_sessions: list[Session] = []
+        self.draining = False
         self.on_assigned: Callable[[int], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -301,6 +302,14 @@ class Engine:
 
     async def drain(self) -> None:
         """SIGTERM: ask every agent to reconnect elsewhere, wait a little for them to go, then stop."""
+        self.draining = True
+        # Hand-over grace: once this replica stops nobody renews its agents' leases until they
+        # re-attach elsewhere, so give them one more lease lifetime for the trip.
+        with contextlib.suppress(Exception):
+            async with self.db.begin() as conn:
+                await store.renew_leases(
+                    conn, list(self.sessions), 2 * self.settings.lease_ttl_s + self.settings.drain_timeout_s
+                )
         deadline = now_utc() + timedelta(seconds=self.settings.drain_timeout_s)
         for session in list(self.sessions.values()):
             session.draining = True
@@ -855,7 +864,8 @@ class Engine:
     async def _lease_round(self) -> None:
         """Renew live agents' leases, cancel what they should not run, and requeue expired leases."""
         horizon = time.monotonic() - self.settings.lease_ttl_s
-        live = [s for s in self.sessions.values() if s.last_heartbeat >= horizon]
+        # While draining, the hand-over grace set by drain() must not be cut back to one lifetime.
+        live = [] if self.draining else [s for s in self.sessions.values() if s.last_heartbeat >= horizon]
         events = EventLog()
         cancels: list[dict[str, Any]] = []
         async with self.db.begin() as conn:

@@ -12,7 +12,7 @@ import grpc
 from maw.agent.v1 import agent_service_pb2 as apb
 from maw.agent.v1 import agent_service_pb2_grpc as apb_grpc
 
-from services.runtime import MawError, invalid_argument, permission_denied
+from services.runtime import MawError, invalid_argument, permission_denied, unavailable
 from services.runtime.principal import PrincipalKind, current_principal
 
 from .engine import Closed, Engine, Session
@@ -43,6 +43,9 @@ class AgentService(apb_grpc.AgentServiceServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[apb.ConnectRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[apb.ConnectResponse]:
+        if self.engine.draining:
+            # Send the agent straight on to another replica rather than welcome it for a moment.
+            raise unavailable("this scheduler replica is draining; reconnect to another", 0.2)
         try:
             first = await asyncio.wait_for(anext(request_iterator), self.hello_timeout_s)
         except TimeoutError:

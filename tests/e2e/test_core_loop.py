@@ -174,3 +174,36 @@ async def test_kill_9_of_a_scheduler_replica_loses_and_repeats_nothing(
     finally:
         await balancer.stop()
         await asyncio.sleep(0)
+
+
+async def test_sigterm_on_a_replica_drains_its_agents_to_another_without_rerunning_work(
+    mesh: Mesh, registry: grpc.aio.Channel, admin: Metadata
+) -> None:
+    leaving, leaving_port = mesh.add_scheduler(f"draining-{uuid.uuid4().hex[:4]}")
+    _, staying_port = mesh.add_scheduler(f"staying-{uuid.uuid4().hex[:4]}")
+    balancer = TcpBalancer([leaving_port, staying_port])
+    await balancer.start()
+    try:
+        for i in range(2):
+            await mesh.agent(registry, admin, f"drain-{i}-{uuid.uuid4().hex[:6]}", balancer.port, ["test"], slots=4)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{staying_port}") as channel:
+            tasks = tpb_grpc.TaskServiceStub(channel)
+            created = await _create(tasks, admin, *(_spec(f"s{i}", 6, sleep_s=4) for i in range(8)))
+
+            async def all_running() -> bool:
+                subs = (
+                    await tasks.ListSubtasks(tpb.ListSubtasksRequest(parent=created.task.name), metadata=admin)
+                ).subtasks
+                return all(s.state == spb.SUBTASK_STATE_RUNNING for s in subs)
+
+            await eventually(all_running, 30, "all eight to run")
+            leaving.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(leaving.proc.wait, 20) == 0
+
+            async def done() -> bool:
+                return await _state(tasks, admin, created.task.name) == spb.TASK_STATE_SUCCEEDED
+
+            await eventually(done, 60, "the work to finish after the drain")
+        assert [a for _, a, _ in _results(mesh, created.task.name)] == [1] * 8, "resumed, never rerun"
+    finally:
+        await balancer.stop()

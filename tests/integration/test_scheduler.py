@@ -459,3 +459,166 @@ async def test_connected_agents_are_online_in_the_registry_and_transitions_reach
         return got.worker.status == rpb.WORKER_STATUS_OFFLINE
 
     await eventually(offline, 15, "the worker to go OFFLINE once its stream closed")
+
+
+async def test_batch_priority_and_batch_cancel_change_many_tasks_at_once(
+    admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub
+) -> None:
+    names = [
+        (
+            await tasks.CreateTask(
+                tpb.CreateTaskRequest(task=new_task(), graph=graph(("a", []), tool=SHELL)), metadata=admin, timeout=10
+            )
+        ).task.name  # fmt: skip
+        for _ in range(3)
+    ]
+    raised = await tasks.BatchUpdateTaskPriority(
+        tpb.BatchUpdateTaskPriorityRequest(names=names, priority=work_pb2.PRIORITY_URGENT), metadata=admin, timeout=5
+    )
+    assert [t.priority for t in raised.tasks] == [work_pb2.PRIORITY_URGENT] * 3
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.BatchCancelTasks(
+            tpb.BatchCancelTasksRequest(names=[*names, "tasks/missing"]), metadata=admin, timeout=5
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert all([await state_of(tasks, admin, n) != spb.TASK_STATE_CANCELLED for n in names]), "all or nothing"
+    cancelled = await tasks.BatchCancelTasks(tpb.BatchCancelTasksRequest(names=names), metadata=admin, timeout=5)
+    assert {t.state for t in cancelled.tasks} == {spb.TASK_STATE_CANCELLED}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.BatchUpdateTaskPriority(
+            tpb.BatchUpdateTaskPriorityRequest(names=names, priority=7),  # type: ignore[arg-type]
+            metadata=admin,
+            timeout=5,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in _violations(err.value)
+
+
+async def test_list_tasks_filters_and_pages_without_repeats(
+    admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub
+) -> None:
+    label = uuid.uuid4().hex[:8]
+    made = set()
+    for _ in range(5):
+        reply = await tasks.CreateTask(
+            tpb.CreateTaskRequest(task=new_task(labels={"run": label}), graph=graph(("a", []), tool=SHELL)),
+            metadata=admin,
+            timeout=10,
+        )
+        made.add(reply.task.name)
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await tasks.ListTasks(
+            tpb.ListTasksRequest(filter=f'labels.run = "{label}"', page_size=2, page_token=token), metadata=admin
+        )
+        seen += [t.name for t in page.tasks]
+        assert page.total_size == 5
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == sorted(made) and len(seen) == 5
+    for bad in ("state = NOPE", "1 = 1; DROP TABLE tasks", "labels.x = 'a' OR 1=1"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await tasks.ListTasks(tpb.ListTasksRequest(filter=bad), metadata=admin, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await tasks.BatchCancelTasks(tpb.BatchCancelTasksRequest(names=sorted(made)), metadata=admin, timeout=5)
+
+
+async def test_a_failed_subtask_fails_its_task_and_retry_runs_it_and_its_dependents_again(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub,
+    agents: list[ScriptedAgent],
+) -> None:  # fmt: skip
+    failing = {"on": True}
+
+    def behaviour(a: apb.Assignment) -> apb.Result:
+        outcome = work_pb2.OUTCOME_FAILED if failing["on"] and a.key == "a" else work_pb2.OUTCOME_SUCCEEDED
+        return apb.Result(lease=a.lease, outcome=outcome, error_message="boom" if outcome == 2 else "")
+
+    await connect(stack, channels, admin, agents, [SHELL], behaviour=behaviour)
+    plan = tpb.SubtaskGraph(
+        subtasks=[
+            spb.SubtaskSpec(key="a", max_attempts=2, preferred_tool=machine_pb2.ToolChoice(kind=SHELL)),
+            spb.SubtaskSpec(key="b", dependencies=["a"], preferred_tool=machine_pb2.ToolChoice(kind=SHELL)),
+        ]
+    )
+    created = await tasks.CreateTask(tpb.CreateTaskRequest(task=new_task(), graph=plan), metadata=admin, timeout=10)
+
+    async def failed() -> bool:
+        return await state_of(tasks, admin, created.task.name) == spb.TASK_STATE_FAILED
+
+    await eventually(failed, 20, "the task to fail after 2 attempts")
+    sub = (await tasks.GetSubtask(tpb.GetSubtaskRequest(name=created.subtasks[0].name), metadata=admin)).subtask
+    assert (sub.state, sub.attempt) == (spb.SUBTASK_STATE_FAILED, 2)
+    failing["on"] = False
+    request = tpb.RetrySubtaskRequest(name=sub.name, reason="flaky network", request_id=uuid.uuid4().hex)
+    retried = await tasks.RetrySubtask(request, metadata=admin, timeout=5)
+    again = await tasks.RetrySubtask(request, metadata=admin, timeout=5)
+    assert retried.subtask.state == spb.SUBTASK_STATE_READY and again == retried
+
+    async def succeeded() -> bool:
+        return await state_of(tasks, admin, created.task.name) == spb.TASK_STATE_SUCCEEDED
+
+    await eventually(succeeded, 20, "the retried task to succeed")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.RetrySubtask(tpb.RetrySubtaskRequest(name=sub.name), metadata=admin, timeout=5)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_saved_templates_are_validated_used_and_built_ins_are_read_only(
+    channels: dict[str, grpc.aio.Channel], admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub
+) -> None:
+    from maw.scheduler.v1 import template_service_pb2 as tmpb
+    from maw.scheduler.v1 import template_service_pb2_grpc as tmpb_grpc
+
+    templates = tmpb_grpc.TemplateServiceStub(channels["scheduler"])
+    listed = await templates.ListTemplates(tmpb.ListTemplatesRequest(filter="built_in = true"), metadata=admin)
+    assert len(listed.templates) == 6
+    tid = f"t-{uuid.uuid4().hex[:8]}"
+    steps = [spb.SubtaskSpec(key="lint"), spb.SubtaskSpec(key="ship", dependencies=["lint"])]
+    made = await templates.CreateTemplate(
+        tmpb.CreateTemplateRequest(template=spb.Template(display_name="lint then ship", steps=steps), template_id=tid),
+        metadata=admin,
+    )
+    assert made.template.name == f"templates/{tid}"
+    task = await tasks.CreateTask(tpb.CreateTaskRequest(task=new_task(), template=made.template.name), metadata=admin)
+    assert [s.key for s in task.subtasks] == ["lint", "ship"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await templates.CreateTemplate(
+            tmpb.CreateTemplateRequest(
+                template=spb.Template(display_name="bad", steps=[spb.SubtaskSpec(key="x", dependencies=["x"])])
+            ),
+            metadata=admin,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "template.steps[0].dependencies[0]" in _violations(err.value)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await templates.DeleteTemplate(tmpb.DeleteTemplateRequest(name="templates/bug-fix"), metadata=admin)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await templates.DeleteTemplate(tmpb.DeleteTemplateRequest(name=made.template.name), metadata=admin)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await templates.GetTemplate(tmpb.GetTemplateRequest(name=made.template.name), metadata=admin)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    await tasks.CancelTask(tpb.CancelTaskRequest(name=task.task.name), metadata=admin)
+
+
+async def test_a_viewer_can_read_but_not_create_or_cancel(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub
+) -> None:
+    from maw.registry.v1 import resources_pb2 as rpb
+    from maw.registry.v1 import user_service_pb2, user_service_pb2_grpc
+
+    from tests.integration.clients import login as log_in
+
+    users = user_service_pb2_grpc.UserServiceStub(channels["registry"])
+    name = f"viewer{uuid.uuid4().hex[:6]}"
+    await users.CreateUser(
+        user_service_pb2.CreateUserRequest(
+            user=rpb.User(display_name="V", role=rpb.ROLE_VIEWER), user_id=name, password="a long enough password 1"
+        ),
+        metadata=admin,
+    )
+    viewer = await log_in(channels["registry"], name, "a long enough password 1")
+    await tasks.ListTasks(tpb.ListTasksRequest(), metadata=viewer, timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.CreateTask(tpb.CreateTaskRequest(task=new_task(), graph=graph(("a", []))), metadata=viewer)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
