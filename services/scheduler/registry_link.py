@@ -17,6 +17,7 @@ import logging
 import zlib
 from datetime import UTC, datetime
 
+from maw.common.v1 import machine_pb2
 from maw.registry.v1 import activity_intake_service_pb2 as aipb
 from maw.registry.v1 import activity_intake_service_pb2_grpc as aipb_grpc
 from maw.registry.v1 import resources_pb2 as rpb
@@ -142,10 +143,38 @@ class RegistryLink:
                 if not reports:
                     continue
                 try:
+                    await self._add_tool_stats(reports)
+                except Exception as exc:  # statistics are a nicety; presence must not wait for them
+                    _log.debug("tool statistics unavailable: %s", exc)
+                try:
                     await stub.ReportWorkers(wipb.ReportWorkersRequest(reports=reports), timeout=5)
                 except Exception as exc:  # the registry is away; presence lapses by TTL, we report again
                     _log.debug("worker report failed: %s", exc)
                     self.engine.closed_sessions.extend(closed)
+
+    async def _add_tool_stats(self, reports: list[wipb.WorkerReport]) -> None:
+        """Each worker's success rate and mean duration per tool, from this schema's totals."""
+        async with self.db.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT worker, tool, finished, succeeded, total_duration_ms FROM worker_tool_stats"
+                    " WHERE worker = ANY(:w)"
+                ),
+                {"w": [r.worker for r in reports]},
+            )
+            stats: dict[str, list[machine_pb2.ToolStats]] = {}
+            for worker, tool, finished, succeeded, total_ms in rows:
+                stats.setdefault(worker, []).append(
+                    machine_pb2.ToolStats(
+                        tool=tool,
+                        finished_count=finished,
+                        succeeded_count=succeeded,
+                        success_rate=succeeded / finished if finished else 0.0,
+                        mean_duration=dur(total_ms / finished / 1000 if finished else 0.0),
+                    )
+                )
+        for report in reports:
+            report.tool_stats.extend(stats.get(report.worker, []))
 
     async def _relay(self) -> None:
         async with internal_channel(self.settings, self.settings.registry_addr) as channel:

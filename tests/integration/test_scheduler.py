@@ -452,6 +452,12 @@ async def test_connected_agents_are_online_in_the_registry_and_transitions_reach
         return "task.succeeded" in verbs and verbs.count("subtask.succeeded") == 2
 
     await eventually(logged, 20, "the task's transitions in the activity log")
+
+    async def counted() -> bool:
+        got = await workers.GetWorker(worker_service_pb2.GetWorkerRequest(name=agent.worker), metadata=admin, timeout=5)
+        return [(s.tool, s.finished_count, s.success_rate) for s in got.worker.tool_stats] == [(TEST, 2, 1.0)]
+
+    await eventually(counted, 15, "the worker's per-tool statistics")
     await agent.stop()
 
     async def offline() -> bool:
