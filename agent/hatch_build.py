@@ -2,7 +2,8 @@
 
 The stubs are generated into the repository's gen/python/ (never edited by hand), outside this project
 directory. From a checkout they are taken from there; from an unpacked sdist (which carries them at
-./maw) from here. Only the packages the agent imports are shipped: maw.agent.v1 and maw.common.v1.
+./maw) from here. Only what the agent imports is shipped: maw.agent.v1, maw.common.v1, and of
+maw.registry.v1 the enrollment service `maw-agent enroll` calls (with the resources it refers to).
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-CONTRACTS = ("maw/agent/v1", "maw/common/v1")
+# Package directory -> file name prefixes shipped from it (empty: every module).
+CONTRACTS: dict[str, tuple[str, ...]] = {
+    "maw/agent/v1": (),
+    "maw/common/v1": (),
+    "maw/registry/v1": ("enrollment_service_pb2", "resources_pb2"),
+}
 
 
 class CustomBuildHook(BuildHookInterface):
@@ -20,13 +26,14 @@ class CustomBuildHook(BuildHookInterface):
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         root = Path(self.root)
-        for package in CONTRACTS:
+        for package, prefixes in CONTRACTS.items():
             for base in (root.parent / "gen" / "python", root):
                 source = base / package
                 if any(source.glob("*_pb2.py")):
                     # File by file: only the sources, never a __pycache__ left by a local run.
                     for file in sorted(source.iterdir()):
-                        if file.suffix in {".py", ".pyi"}:
+                        wanted = not prefixes or file.name.startswith(prefixes)
+                        if file.suffix in {".py", ".pyi"} and wanted:
                             build_data["force_include"][str(file)] = f"{package}/{file.name}"
                     break
             else:

@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,9 @@ from maw.agent.v1 import agent_service_pb2 as agent_pb2
 from maw.common.v1 import work_pb2
 
 from maw_agent._process import ToolProcess
+from maw_agent._sandbox import Limits, Sandbox
 from maw_agent._spool import LeaseKey, lease_key
+from maw_agent._workspace import Workspace, WorkspaceError, Workspaces
 from maw_agent.tools.base import ToolAdapter, ToolResult
 
 __all__ = ["Execution", "ExecutionSettings", "scrubbed_env"]
@@ -48,6 +50,10 @@ class ExecutionSettings:
     result_output_bytes: int
     env_allowlist: Sequence[str]
     credential: str
+    sandbox: Sandbox = field(default_factory=Sandbox)
+    limits: Limits = field(default_factory=Limits)
+    workspaces: Workspaces | None = None
+    max_diff_bytes: int = 4 << 20
 
 
 def scrubbed_env(
@@ -55,6 +61,7 @@ def scrubbed_env(
     settings: ExecutionSettings,
     workdir: Path | None,
     source: Mapping[str, str] | None = None,
+    home: Path | None = None,
 ) -> dict[str, str]:
     """The environment of a tool: allow-listed variables and Assignment.env, never the credential."""
     source = os.environ if source is None else source
@@ -62,7 +69,7 @@ def scrubbed_env(
     env = {name: source[name] for name in names if name in source}
     env.setdefault("PATH", _DEFAULT_PATH)
     if workdir is not None:
-        env["HOME"] = str(workdir)
+        env["HOME"] = str(home or workdir)
         env["PWD"] = str(workdir)
     env["MAW_SUBTASK"] = assignment.lease.subtask
     env["MAW_ATTEMPT"] = str(assignment.lease.attempt)
@@ -94,7 +101,15 @@ class Execution:
         fields = assignment.tool_options.fields
         self._options: dict[str, Any] = json_format.MessageToDict(assignment.tool_options) if fields else {}
         self._workdir: Path | None = None
+        self._root: Path | None = None  # the assignment's directory (a worktree's root)
+        self._home: Path | None = None  # HOME of a tool working in a git workspace (outside the worktree)
+        self._workspace: Workspace | None = None
         self._env: dict[str, str] | None = None
+        self._limits = settings.limits.merged(assignment.resource_limits)
+        self._output_limit = settings.output_limit_bytes
+        if assignment.resource_limits.output_bytes > 0:
+            self._output_limit = min(self._output_limit, assignment.resource_limits.output_bytes)
+        self._stdout_hook: Callable[[bytes], None] | None = None
         self.start_time = time.time()
         self.last_output_time = self.start_time
         self.progress_percent = 0
@@ -131,12 +146,14 @@ class Execution:
     @property
     def env(self) -> Mapping[str, str]:
         if self._env is None:
-            self._env = scrubbed_env(self._assignment, self._settings, self._workdir)
+            self._env = scrubbed_env(self._assignment, self._settings, self._workdir, home=self._home)
         return self._env
 
     def output(self, stream: work_pb2.LogStream.ValueType, data: bytes) -> None:
         if not data:
             return
+        if stream == work_pb2.LOG_STREAM_STDOUT and self._stdout_hook is not None:
+            self._stdout_hook(data)
         self.last_output_time = time.time()
         self._output_total += len(data)
         keep = self._settings.result_output_bytes
@@ -144,11 +161,11 @@ class Execution:
             self._tail += data
             if len(self._tail) > keep:
                 del self._tail[: len(self._tail) - keep]
-        room = self._settings.output_limit_bytes - self._streamed
+        room = self._output_limit - self._streamed
         if room <= 0:
             if not self._stream_truncated:
                 self._stream_truncated = True
-                self.note(f"output beyond {self._settings.output_limit_bytes} bytes is not streamed")
+                self.note(f"output beyond {self._output_limit} bytes is not streamed")
             return
         self._chunk(stream, data[:room])
         self._streamed += min(room, len(data))
@@ -161,13 +178,34 @@ class Execution:
             )
         )
 
-    async def run_process(self, argv: Sequence[str]) -> int:
+    async def run_process(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
+    ) -> int:
         if self.stop_outcome is not None:
             raise asyncio.CancelledError
-        self.process, waiter = await ToolProcess.start(argv, cwd=self._workdir, env=self.env, sink=self.output)
-        if self.stop_outcome is not None:  # stopped while it started
-            self.process.signal(signal.SIGKILL)
-        return await waiter
+        writable: list[Path] = []
+        readable: list[Path] = []
+        if self._workspace is not None:
+            writable, readable = self._workspace.writable, self._workspace.readable
+        elif self._workdir is not None:
+            writable = [self._workdir]
+        if self._home is not None:
+            writable.append(self._home)
+        wrapped = self._settings.sandbox.wrap(argv, cwd=self._workdir, writable=writable, readable=readable)
+        self._stdout_hook = on_stdout
+        try:
+            self.process, waiter = await ToolProcess.start(
+                wrapped, cwd=self._workdir, env=self.env, sink=self.output, stdin=stdin, preexec=self._limits.preexec()
+            )
+            if self.stop_outcome is not None:  # stopped while it started
+                self.process.signal(signal.SIGKILL)
+            return await waiter
+        finally:
+            self._stdout_hook = None
 
     # --- runtime ---------------------------------------------------------------------------------
 
@@ -188,26 +226,47 @@ class Execution:
         self.start_time = started
         tool_result = ToolResult()
         outcome: work_pb2.Outcome.ValueType = work_pb2.OUTCOME_FAILED
+        diff: work_pb2.Diff | None = None
         try:
             if self.adapter.needs_workdir:
-                self._workdir = self._prepare_workdir()
+                await self._prepare()
+            self.last_output_time = time.time()
             tool_result = await self.adapter.run(self)
             succeeded = tool_result.exit_code == 0 if tool_result.succeeded is None else tool_result.succeeded
             outcome = work_pb2.OUTCOME_SUCCEEDED if succeeded else work_pb2.OUTCOME_FAILED
+            if self._workspace is not None and self.stop_outcome is None:
+                limit = self._assignment.max_diff_bytes or self._settings.max_diff_bytes
+                diff, line = await self._workspace.diff(limit)
+                self.note(f"workspace change: {line}")
+                if not tool_result.summary:
+                    tool_result.summary = line
         except asyncio.CancelledError:
             if self.stop_outcome is None:
                 raise
+        except WorkspaceError as exc:
+            self.note(f"workspace: {exc}")
+            tool_result = ToolResult(exit_code=-1, error_message=f"workspace: {exc}")
+            outcome = work_pb2.OUTCOME_FAILED
         except Exception as exc:
             log.warning("tool %s failed on %s: %s", self.adapter.name, self._assignment.lease.subtask, exc)
             tool_result = ToolResult(exit_code=-1, error_message=f"the agent could not run the tool: {exc}")
+            outcome = work_pb2.OUTCOME_FAILED
         finally:
-            self._remove_workdir()
+            cleanup = asyncio.ensure_future(self._remove_workdir())
+            try:
+                await asyncio.shield(cleanup)
+            except asyncio.CancelledError:
+                if self.stop_outcome is None:
+                    raise
         if self.stop_outcome is not None:
             outcome = self.stop_outcome
             if self.process is not None and self.process.alive:
                 self.process.signal(signal.SIGKILL)
             tool_result.error_message = self.stop_message
-        return self._result(outcome, tool_result, started, time.time())
+        result = self._result(outcome, tool_result, started, time.time())
+        if diff is not None:
+            result.diff.CopyFrom(diff)
+        return result
 
     def stop(self, outcome: work_pb2.Outcome.ValueType, message: str, grace: float, *, discard: bool = False) -> None:
         """Stop the tool (once): SIGTERM to its group, `grace` seconds, SIGKILL; the Result says `outcome`."""
@@ -242,18 +301,35 @@ class Execution:
                 return
         task.cancel()
 
-    def _prepare_workdir(self) -> Path:
+    async def _prepare(self) -> None:
+        """The fresh directory, or the git worktree when the assignment names a repository."""
         subtask, attempt = self.key
         name = _UNSAFE_PATH_CHARS.sub("_", subtask.removeprefix("tasks/"))[-150:] + f".a{attempt}"
         path = self._settings.work_root / name
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        return path
+        self._root = path
+        if not self._assignment.workspace.repository:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            self._workdir = path
+            return
+        if self._settings.workspaces is None:
+            raise WorkspaceError("git workspaces are not configured on this agent")
+        home = self._settings.work_root / (name + ".home")
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+        self._home = home
+        self._workspace = await self._settings.workspaces.prepare(self._assignment, path, os.environ, self.note)
+        self._workdir = self._workspace.cwd
 
-    def _remove_workdir(self) -> None:
-        if self._workdir is not None and not self._settings.keep_workspaces:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+    async def _remove_workdir(self) -> None:
+        if self._root is None or self._settings.keep_workspaces:
+            return
+        if self._settings.workspaces is not None and self._assignment.workspace.repository:
+            await self._settings.workspaces.release(self._workspace, self._root)
+        shutil.rmtree(self._root, ignore_errors=True)
+        if self._home is not None:
+            shutil.rmtree(self._home, ignore_errors=True)
 
     def _chunk(self, stream: work_pb2.LogStream.ValueType, data: bytes) -> None:
         for start in range(0, len(data), _CHUNK_LIMIT):

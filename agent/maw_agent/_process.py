@@ -31,26 +31,48 @@ class ToolProcess:
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self._process = process
         self.pgid = process.pid
+        self._feeder: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(
-        cls, argv: Sequence[str], *, cwd: Path | None, env: Mapping[str, str], sink: OutputSink
+        cls,
+        argv: Sequence[str],
+        *,
+        cwd: Path | None,
+        env: Mapping[str, str],
+        sink: OutputSink,
+        stdin: bytes | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> tuple[ToolProcess, asyncio.Task[int]]:
         """Start argv; returns the process and a task that ends with its exit code once output is drained.
 
-        `sink(stream, data)` gets the output of stdout and stderr as it comes.
+        `sink(stream, data)` gets the output of stdout and stderr as it comes. `stdin` is written to the
+        process and then closed (None: /dev/null). `preexec` runs in the child before exec (rlimits).
         """
         process = await asyncio.create_subprocess_exec(
             *argv,
             cwd=cwd,
             env=dict(env),
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=preexec,
         )
         tool = cls(process)
+        if stdin is not None:
+            tool._feeder = asyncio.create_task(tool._feed(stdin), name=f"tool-stdin-{process.pid}")
         return tool, asyncio.create_task(tool._wait(sink), name=f"tool-process-{process.pid}")
+
+    async def _feed(self, data: bytes) -> None:
+        stream = self._process.stdin
+        assert stream is not None
+        # A tool that exits (or closes its input) early is not an error of the agent's.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            stream.write(data)
+            await stream.drain()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, OSError):
+            stream.close()
 
     @property
     def alive(self) -> bool:
@@ -80,12 +102,16 @@ class ToolProcess:
                     await waiter
             # Leftover children would keep the pipes open: the tool is over, so is its group.
             self.signal(signal.SIGKILL)
+            if self._feeder is not None:
+                self._feeder.cancel()
             await output_closed
             code = await waiter
             assert code is not None
             return code
         except asyncio.CancelledError:
             self.signal(signal.SIGKILL)
+            if self._feeder is not None:
+                self._feeder.cancel()
             waiter.cancel()
             output_closed.cancel()
             raise

@@ -33,7 +33,9 @@ from maw_agent._backoff import Backoff
 from maw_agent._execution import Execution, ExecutionSettings
 from maw_agent._outbox import Outbox
 from maw_agent._resources import ResourceSampler
+from maw_agent._sandbox import Limits, Sandbox, bwrap_problem
 from maw_agent._spool import LeaseKey, ResultSpool, lease_key
+from maw_agent._workspace import Workspaces
 from maw_agent.config import AgentConfig
 from maw_agent.tools import ToolAdapter, ToolInfo, adapters
 
@@ -76,7 +78,7 @@ class Agent:
     def __init__(self, config: AgentConfig, *, tool_adapters: dict[str, ToolAdapter] | None = None) -> None:
         self.config = config
         self._credential = config.read_credential()
-        self._adapters = tool_adapters if tool_adapters is not None else adapters(config.tools)
+        self._adapters = tool_adapters if tool_adapters is not None else adapters(config.tools, config.tool_settings)
         self._by_kind: dict[int, tuple[ToolAdapter, ToolInfo]] = {}
         self._runs: dict[LeaseKey, Execution] = {}
         self._outbox = Outbox()
@@ -88,6 +90,10 @@ class Agent:
             result_output_bytes=config.result_output_bytes,
             env_allowlist=tuple(config.env_allowlist),
             credential=self._credential,
+            sandbox=sandbox_of(config),
+            limits=Limits(**config.limits.model_dump()),
+            workspaces=Workspaces(config.work_dir / "git-cache", timeout_s=config.git_timeout_s),
+            max_diff_bytes=config.max_diff_bytes,
         )
         self._spool: ResultSpool | None = None
         self._sampler: ResourceSampler | None = None
@@ -172,6 +178,13 @@ class Agent:
     # --- start and stop --------------------------------------------------------------------------
 
     async def _start(self) -> None:
+        if self.config.sandbox == "bwrap":
+            problem = await asyncio.to_thread(bwrap_problem)
+            if problem is not None:
+                raise RuntimeError(f"sandbox: bwrap is configured but unusable: {problem}")
+            log.info("tools run in a bubblewrap sandbox")
+        else:
+            log.info("sandbox: none - tools run with rlimits only; sandbox: bwrap is recommended (docs/sandbox.md)")
         work_dir = self.config.work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
         self._settings.work_root.mkdir(parents=True, exist_ok=True)
@@ -575,7 +588,9 @@ class Agent:
         if len(self._runs) >= self.config.capacity_slots:
             return agent_pb2.DECLINE_REASON_NO_FREE_SLOT, "all slots are busy"
         if assignment.workspace.repository:
-            return agent_pb2.DECLINE_REASON_UNSUPPORTED, "git workspaces are not supported by this agent yet"
+            problem = Workspaces.problem(assignment.workspace)
+            if problem is not None:
+                return agent_pb2.DECLINE_REASON_UNSUPPORTED, problem
         return None
 
     def _decline(
@@ -646,6 +661,19 @@ class Agent:
 
 _TOOL_KINDS = frozenset(machine_pb2.ToolKind.values())
 _CANCEL_REASONS = frozenset(agent_pb2.CancelReason.values())
+
+
+def sandbox_of(config: AgentConfig) -> Sandbox:
+    """The sandbox the configuration asks for: what the tools must never see, what they may write."""
+    hidden = [*config.sandbox_hide]
+    if config.credential_file is not None:
+        hidden.append(config.credential_file)
+    return Sandbox(
+        mode=config.sandbox,
+        network=config.sandbox_network,
+        private_dirs=(config.work_dir,),
+        hidden_files=tuple(hidden),
+    )
 
 
 def _platform() -> str:

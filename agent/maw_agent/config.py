@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-__all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config", "substitute_env"]
+__all__ = ["AgentConfig", "ConfigError", "LimitsConfig", "load_config", "parse_config", "substitute_env"]
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
@@ -26,6 +26,17 @@ _WORKER = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 class ConfigError(ValueError):
     """The configuration is unusable; the message names each offending key."""
+
+
+class LimitsConfig(BaseModel):
+    """Default operating-system limits of every tool process (an assignment's own limits win); 0 = none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_s: int = Field(default=0, ge=0, description="CPU seconds (RLIMIT_CPU).")
+    memory_bytes: int = Field(default=0, ge=0, description="Address space (RLIMIT_AS).")
+    file_size_bytes: int = Field(default=0, ge=0, description="Largest file written (RLIMIT_FSIZE).")
+    max_processes: int = Field(default=0, ge=0, description="Processes of the user (RLIMIT_NPROC; not for root).")
 
 
 class AgentConfig(BaseModel):
@@ -64,6 +75,17 @@ class AgentConfig(BaseModel):
     max_batch_items: int = Field(default=500, ge=1, description="Used when Welcome sets no limit.")
     spool_fsync: bool = Field(default=True, description="fsync the result spool before sending results.")
     env_allowlist: list[str] = Field(default_factory=list, description="Agent variables every tool may see.")
+    tool_settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-tool settings, e.g. claude: {command: ..., model: ...}."
+    )
+    sandbox: Literal["none", "bwrap"] = Field(
+        default="none", description="bwrap (recommended): tools in a bubblewrap container; none: rlimits only."
+    )
+    sandbox_network: bool = Field(default=True, description="bwrap: share the network (cloud AI tools need it).")
+    sandbox_hide: list[Path] = Field(default_factory=list, description="bwrap: more files the tools must not see.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    max_diff_bytes: int = Field(default=4 << 20, ge=1024, description="Used when an assignment sets no limit.")
+    git_timeout_s: float = Field(default=600.0, gt=0, description="Longest clone or fetch of a workspace.")
 
     @field_validator("server")
     @classmethod
@@ -96,6 +118,23 @@ class AgentConfig(BaseModel):
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @field_validator("sandbox_hide")
+    @classmethod
+    def _expand_users(cls, value: list[Path]) -> list[Path]:
+        return [path.expanduser() for path in value]
+
+    @field_validator("tool_settings")
+    @classmethod
+    def _tool_settings(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from maw_agent.tools import adapter_names, adapters
+
+        known = adapter_names()
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(f"unknown tool(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        adapters(list(value), value)  # raises ValueError("<tool>: <key>: why")
+        return value
 
     @model_validator(mode="after")
     def _one_credential(self) -> AgentConfig:

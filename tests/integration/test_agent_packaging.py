@@ -53,7 +53,10 @@ def test_the_wheel_carries_the_agent_and_its_generated_contracts_only(wheel: Pat
     assert "maw/agent/v1/agent_service_pb2.py" in names
     assert "maw/agent/v1/agent_service_pb2_grpc.py" in names
     assert "maw/common/v1/machine_pb2.py" in names
-    assert not [n for n in names if n.startswith(("maw/scheduler", "maw/registry", "maw/evaluator", "services/"))]
+    assert "maw/registry/v1/enrollment_service_pb2_grpc.py" in names  # for `maw-agent enroll`
+    registry = {n for n in names if n.startswith("maw/registry/")}
+    assert {n.rsplit("/", 1)[1].split("_pb2")[0] for n in registry} == {"enrollment_service", "resources"}
+    assert not [n for n in names if n.startswith(("maw/scheduler", "maw/evaluator", "services/"))]
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
 
@@ -77,7 +80,7 @@ def test_the_unpacked_wheel_runs_on_its_own_without_the_repository(
         f"checkout = {[str(repo_root), str(repo_root / 'gen' / 'python'), str(repo_root / 'agent'), '']!r}\n"
         "sys.path[:] = [p for p in sys.path if p.rstrip('/') not in checkout]\n"
         f"sys.path.insert(0, {str(tmp_path / 'site')!r})\n"
-        "import maw_agent, maw_agent.cli\n"
+        "import maw_agent, maw_agent.cli, maw_agent._setup\n"
         "from maw.agent.v1 import agent_service_pb2\n"
         "assert maw_agent.__file__.startswith(sys.path[0]), maw_agent.__file__\n"
         "assert agent_service_pb2.__file__.startswith(sys.path[0]), agent_service_pb2.__file__\n"

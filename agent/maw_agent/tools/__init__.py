@@ -10,6 +10,8 @@ import functools
 import importlib
 import inspect
 import pkgutil
+from collections.abc import Mapping
+from typing import Any
 
 from maw_agent.tools.base import ToolAdapter, ToolInfo, ToolResult, ToolRun
 
@@ -36,7 +38,20 @@ def adapter_names() -> frozenset[str]:
     return frozenset(_adapter_classes())
 
 
-def adapters(names: list[str] | None = None) -> dict[str, ToolAdapter]:
-    """One instance of each adapter named (all when None), by name."""
+def adapters(
+    names: list[str] | None = None, settings: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, ToolAdapter]:
+    """One instance of each adapter named (all when None), by name, configured from `settings[name]`.
+
+    Raises ValueError (naming the tool and key) when an adapter refuses its settings.
+    """
     classes = _adapter_classes()
-    return {name: classes[name]() for name in (names if names is not None else sorted(classes))}
+    made: dict[str, ToolAdapter] = {}
+    for name in names if names is not None else sorted(classes):
+        adapter = classes[name]()
+        try:
+            adapter.configure((settings or {}).get(name, {}))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        made[name] = adapter
+    return made

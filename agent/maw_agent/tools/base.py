@@ -10,7 +10,7 @@ Result and its delivery.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -73,8 +73,22 @@ class ToolRun(Protocol):
     def progress(self, percent: int, message: str = "") -> None:
         """Report progress, 0 to 100."""
 
-    async def run_process(self, argv: Sequence[str]) -> int:
+    def note(self, text: str) -> None:
+        """A line from the agent itself in the assignment's log (LOG_STREAM_AGENT)."""
+
+    async def run_process(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
+    ) -> int:
         """Run argv in its own process group, in `workdir` with `env`, piping its output to `output`.
+
+        `stdin` is written to the process's standard input (then closed; none: /dev/null), so prompts
+        never travel on the command line. `on_stdout` sees every piece of standard output as it comes
+        (for adapters that parse an event stream), whether or not the log-chunk cap has been reached.
+        The runtime applies the sandbox (rlimits, bubblewrap) to the process.
 
         Returns the exit code (negative signal number when killed). Cancel and time limits signal the
         process group; the call returns once the process has exited and its output is drained.
@@ -92,6 +106,15 @@ class ToolAdapter(abc.ABC):
     @abc.abstractmethod
     async def detect(self) -> ToolInfo | None:
         """Find the tool on this machine; None when it is not usable here."""
+
+    def configure(self, settings: Mapping[str, Any]) -> None:
+        """Take this adapter's section of the configuration (`tool_settings.<name>`).
+
+        Raises ValueError naming the offending key; the configuration is then refused. The default
+        accepts no settings at all.
+        """
+        if settings:
+            raise ValueError(f"tool {self.name} takes no settings (got {', '.join(sorted(settings))})")
 
     def check(self, options: Mapping[str, Any]) -> str | None:
         """Why these tool options cannot be run (the assignment is Declined as UNSUPPORTED), or None."""
