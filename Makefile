@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 BREAKING_AGAINST ?= .git\#branch=main
 PYTEST_ARGS ?=
 
-.PHONY: up test lint typecheck protos-lint breaking generate unit integration bench clean help
+.PHONY: up dashboard chromium test lint typecheck protos-lint breaking generate unit integration bench clean help
 
 help:
 	@echo "make up        run the whole mesh (PostgreSQL, Redis, services, Envoy) until Ctrl-C"
 	@echo "make test      ruff, mypy, buf lint/breaking, then every pytest test"
 	@echo "make generate  regenerate gen/python from protos/ with buf"
 	@echo "make bench     run the benchmarks under bench/ (JSON on the last line)"
+	@echo "make dashboard build the web dashboard into dashboard/dist (only when its sources changed)"
 
 $(STAMP): requirements/agent.txt requirements/server.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +28,19 @@ $(STAMP): requirements/agent.txt requirements/server.txt requirements/dev.txt
 		> "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/maw-dev.pth"
 	touch $(STAMP)
 
-up: $(STAMP)
+up: $(STAMP) dashboard
 	$(BIN)/python -m deploy.local up
+
+# npm ci (from the committed lock file), the TypeScript client from protos/, vite build; a no-op when
+# nothing changed (deploy/local/dashboard.py).
+dashboard: $(STAMP)
+	$(BIN)/python -m deploy.local.dashboard build
+
+# The browser tests drive Debian's Chromium with playwright-core (docs/dashboard.md).
+chromium:
+	@test -x /usr/bin/chromium || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi; }
 
 generate: $(STAMP)
 	$(BIN)/buf generate
@@ -49,13 +61,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck protos-lint breaking
+test: lint typecheck protos-lint breaking dashboard chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: $(STAMP)
+integration: $(STAMP) dashboard chromium
 	$(BIN)/python -m pytest tests/integration tests/e2e $(PYTEST_ARGS)
 
 bench: $(STAMP)

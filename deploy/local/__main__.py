@@ -22,6 +22,7 @@ def _banner(stack: Stack) -> str:
     lines = [
         "",
         "maw is up.",
+        f"  dashboard                  http://localhost:{p.gateway}/  (user admin)",
         f"  gateway (gRPC + gRPC-Web)  localhost:{p.gateway}",
         *(f"  {name:<26} localhost:{p.service(name)}" for name in SERVICES),
         f"  PostgreSQL                 {_safe(stack.database_url)}",

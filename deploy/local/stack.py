@@ -58,11 +58,12 @@ class Endpoints:
     evaluator: int = 50053
     gateway: int = 8080
     gateway_admin: int = 9901
+    dashboard: int = 8081
 
     @classmethod
     def random(cls) -> Endpoints:
         """Free ports for everything (tests run beside a developer's `make up`)."""
-        return cls(*(free_port() for _ in range(7)))
+        return cls(*(free_port() for _ in range(8)))
 
     def service(self, name: str) -> int:
         """Port of service ``name``."""
@@ -312,8 +313,15 @@ class Stack:
             ACCESS_LOG=str(self.log_dir / "envoy-access.log"),
         )
         out = self.data_dir / "envoy.yaml"
-        out.write_text(rendered)
+        out.write_text(_with_dashboard(rendered, self.ports.dashboard))
         return out
+
+    def start_dashboard(self) -> Child:
+        """Serve dashboard/dist (built by `make dashboard`) to the gateway; a hint page while it is not built."""
+        argv = [sys.executable, "-m", "deploy.local.dashboard", "serve", "--port", str(self.ports.dashboard)]
+        child = self._spawn("dashboard", argv, cwd=ROOT)
+        self._wait("dashboard", child, lambda: socket.create_connection(("127.0.0.1", self.ports.dashboard), 1).close())
+        return child
 
     def start_envoy(self) -> Child:
         """Start Envoy with the rendered config and wait until it proxies health checks."""
@@ -350,6 +358,7 @@ class Stack:
             self.start_service(name, wait=False)
         for name in SERVICES:
             self.wait_serving(name, self.ports.service(name))
+        self.start_dashboard()
         self.start_envoy()
         if agent:
             self.start_agent()
@@ -418,6 +427,22 @@ class Stack:
         for name in reversed(list(self.children)):
             self.children[name].stop()
         self.children.clear()
+
+
+def _with_dashboard(rendered: str, port: int) -> str:
+    """The gateway config plus the dashboard's route (last, after every gRPC route) and cluster."""
+    import yaml
+
+    config = yaml.safe_load(rendered)
+    extra = yaml.safe_load(
+        string.Template((ROOT / "gateway" / "dashboard.yaml").read_text()).substitute(DASHBOARD_PORT=port)
+    )
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    manager["route_config"]["virtual_hosts"][0]["routes"].append(extra["route"])
+    config["static_resources"]["clusters"].append(extra["cluster"])
+    return "# Rendered by deploy/local/stack.py from gateway/envoy.yaml and gateway/dashboard.yaml.\n" + yaml.safe_dump(
+        config, sort_keys=False
+    )
 
 
 def _origin_regex(origins: str, gateway_port: int) -> str:

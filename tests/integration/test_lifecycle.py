@@ -96,7 +96,7 @@ def test_ctrl_c_stops_every_process_and_the_next_start_finds_the_data(tmp_path: 
     try:
         pids: dict[str, int] = state["pids"]  # type: ignore[assignment]
         ports: dict[str, int] = state["ports"]  # type: ignore[assignment]
-        assert set(pids) == {"postgres", "redis", "registry", "scheduler", "evaluator", "envoy", "agent"}
+        assert set(pids) == {"postgres", "redis", "registry", "scheduler", "evaluator", "dashboard", "envoy", "agent"}
         descendants = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         assert set(pids.values()) <= descendants
         for name in ("registry", "scheduler", "evaluator", "gateway"):

@@ -1,0 +1,168 @@
+"""The dashboard in headless Chromium, through Envoy, against the real mesh with a real maw-agent.
+
+The browser side is dashboard/e2e/flow.mjs (playwright-core driving Debian's Chromium); this test starts
+the mesh, builds and serves the dashboard, starts the agent when the page is watching, and asserts on what
+the page reported. Screenshots land in test-artifacts/dashboard/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from deploy.local.dashboard import DASHBOARD, build
+from tests.e2e.conftest import Mesh
+from tests.integration.clients import Metadata, eventually
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
+CHROMIUM = os.environ.get("MAW_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def gateway(mesh: Mesh) -> Iterator[str]:
+    """The mesh completed with the evaluator, the dashboard's file server and Envoy; yields the page URL."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make chromium` (apt-get install chromium)")
+    build()
+    stack = mesh.stack
+    stack.start_service("evaluator")
+    stack.start_dashboard()
+    stack.start_envoy()
+    yield f"http://localhost:{stack.ports.gateway}/"
+
+
+async def _run_flow(
+    gateway: str, mesh: Mesh, registry: grpc.aio.Channel, admin: Metadata, worker: str
+) -> tuple[dict[str, Any], list[str]]:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {
+        "MAW_URL": gateway,
+        "MAW_USER": "admin",
+        "MAW_PASSWORD": mesh.stack.admin_password,
+        "MAW_WORKER": f"workers/{worker}",
+        "MAW_ARTIFACTS": str(ARTIFACTS),
+        "MAW_CHROMIUM": CHROMIUM,
+    }
+    node = shutil.which("node") or "node"
+    proc = await asyncio.create_subprocess_exec(
+        node, str(DASHBOARD / "e2e" / "flow.mjs"), cwd=DASHBOARD, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    steps: list[str] = []
+    final: dict[str, Any] = {}
+    try:
+        await asyncio.wait_for(_follow(proc, mesh, registry, admin, worker, steps, final), 120)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"the browser flow hung after steps {steps}:\n{(await proc.stderr.read()).decode()}")
+    stderr = (await proc.stderr.read()).decode()
+    await proc.wait()
+    assert "error" not in final, f"{final.get('error')}\n{json.dumps(final.get('result'), indent=1)}\n{stderr}"
+    assert proc.returncode == 0, stderr
+    result: dict[str, Any] = final["result"]
+    return result, steps
+
+
+async def _follow(
+    proc: asyncio.subprocess.Process,
+    mesh: Mesh,
+    registry: grpc.aio.Channel,
+    admin: Metadata,
+    worker: str,
+    steps: list[str],
+    final: dict[str, Any],
+) -> None:
+    """React to the flow's steps until it prints its result."""
+    assert proc.stdin is not None and proc.stdout is not None
+    async for raw in proc.stdout:
+        line = json.loads(raw)
+        if line.get("step") == "waiting-for-worker":
+            # The workers page is open and live: now the machine comes online.
+            await mesh.agent(registry, admin, worker, mesh.stack.ports.scheduler, ["test"], slots=4)
+        if line.get("step") == "stop-gateway":
+            # Envoy dies; while it is down a task is created (straight to the scheduler), then it
+            # comes back on the same port.
+            mesh.stack.children["envoy"].stop()
+            created = await _create_task(mesh, admin)
+            await _until_logged(registry, admin, created)
+            await asyncio.to_thread(mesh.stack.start_envoy)
+            proc.stdin.write(f"{created}\n".encode())
+            await proc.stdin.drain()
+        steps.append(line.get("step", ""))
+        final.clear()
+        final.update(line)
+
+
+async def _create_task(mesh: Mesh, admin: Metadata) -> str:
+    from maw.scheduler.v1 import resources_pb2, task_service_pb2, task_service_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.stack.ports.scheduler}") as channel:
+        reply = await task_service_pb2_grpc.TaskServiceStub(channel).CreateTask(
+            task_service_pb2.CreateTaskRequest(
+                task=resources_pb2.Task(description="created while the gateway was down"),
+                graph=task_service_pb2.SubtaskGraph(subtasks=[resources_pb2.SubtaskSpec(key="only")]),
+            ),
+            metadata=admin,
+            timeout=30,
+        )
+    name: str = reply.task.name
+    return name
+
+
+async def _until_logged(registry: grpc.aio.Channel, admin: Metadata, task: str) -> None:
+    from maw.registry.v1 import activity_service_pb2, activity_service_pb2_grpc
+
+    stub = activity_service_pb2_grpc.ActivityServiceStub(registry)
+
+    async def logged() -> bool:
+        reply = await stub.ListActivity(
+            activity_service_pb2.ListActivityRequest(filter=f'task = "{task}"'), metadata=admin, timeout=5
+        )
+        return len(reply.activity_entries) > 0
+
+    await eventually(logged, 20, "the task to reach the activity log")
+
+
+async def test_a_person_signs_in_sees_a_worker_come_online_and_watches_a_dag_finish(
+    gateway: str, mesh: Mesh, registry: grpc.aio.Channel, admin: Metadata
+) -> None:
+    worker = f"browser-{uuid.uuid4().hex[:6]}"
+    result, steps = await _run_flow(gateway, mesh, registry, admin, worker)
+
+    assert "waiting-for-worker" in steps
+    assert result["bad_login_error"], "a wrong password must say so"
+    assert result["signed_in_as"]
+    assert result["worker_online"] and "test" in result["worker_row"]
+    # Bad input: the server's field violations, shown next to the fields they name.
+    assert "must not be empty" in result["description_error"]
+    assert "nowhere" in result["dependency_error"]
+    # The DAG advanced live to done: every node ended SUCCEEDED, having been seen before that.
+    assert result["task_state"] == "succeeded"
+    assert set(result["seen_states"]) == {"design", "build", "test", "ship"}
+    for key, states in result["seen_states"].items():
+        assert states[-1] == "succeeded", (key, states)
+        assert len(states) >= 2, f"{key} was never seen before it finished: {states}"
+    assert "hello from step 4" in result["ship_log"]
+    assert result["checkpoints"] in {"available", "unavailable"}
+    assert "subtask.succeeded" in result["activity_verbs"]
+    # The gateway restarted: the feed showed it, then resumed with what happened meanwhile, once.
+    assert result["saw_reconnecting"]
+    assert result["resumed_with"], "entries logged while the gateway was down must appear after the reconnect"
+    assert result["duplicate_entries"] == 0
+    assert result["page_errors"] == []
+    assert result["errors_during_outage"] == []
+    for name in ("workers", "create-task-errors", "task-done", "checkpoints", "activity", "activity-reconnecting"):
+        assert (ARTIFACTS / f"{name}.png").stat().st_size > 0
