@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 BREAKING_AGAINST ?= .git\#branch=main
 PYTEST_ARGS ?=
 
-.PHONY: up dashboard chromium test lint typecheck protos-lint breaking generate unit integration bench clean help
+.PHONY: up dashboard chromium bubblewrap test lint typecheck protos-lint breaking generate unit integration bench clean help
 
 help:
 	@echo "make up        run the whole mesh (PostgreSQL, Redis, services, Envoy) until Ctrl-C"
@@ -36,6 +36,13 @@ up: $(STAMP) dashboard
 dashboard: $(STAMP)
 	$(BIN)/python -m deploy.local.dashboard build
 
+# The agent's recommended sandbox (docs/sandbox.md); its tests are skipped where it cannot run.
+bubblewrap:
+	@command -v bwrap >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; \
+		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; fi; } || \
+		echo "bubblewrap could not be installed; sandbox tests that need it will be skipped"
+
 # The browser tests drive Debian's Chromium with playwright-core (docs/dashboard.md).
 chromium:
 	@test -x /usr/bin/chromium || { \
@@ -61,13 +68,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck protos-lint breaking dashboard chromium
+test: lint typecheck protos-lint breaking dashboard chromium bubblewrap
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: $(STAMP) dashboard chromium
+integration: $(STAMP) dashboard chromium bubblewrap
 	$(BIN)/python -m pytest tests/integration tests/e2e $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -15,9 +15,11 @@ group:
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +90,8 @@ class Sandbox:
         if self.network:
             args.append("--share-net")
         args += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]  # noqa: S108
+        for software in _software_under_tmp(argv):
+            args += ["--ro-bind", software, software]
         for directory in self.private_dirs:
             if directory.is_dir():
                 args += ["--tmpfs", str(directory.resolve())]
@@ -101,6 +105,28 @@ class Sandbox:
         if cwd is not None:
             args += ["--chdir", str(cwd.resolve())]
         return [*args, "--", *argv]
+
+
+def _software_under_tmp(argv: Sequence[str]) -> list[str]:
+    """Programs living under /tmp (a checkout or virtualenv there) that the fresh /tmp would hide.
+
+    The tool's own executable, the agent's PATH and this Python installation are put back read-only;
+    the agent's private directories are hidden again afterwards, so nothing secret comes back with them.
+    """
+    tmp = Path("/tmp").resolve()  # noqa: S108
+    candidates = [Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(sys.executable)).parent]
+    candidates += [Path(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if argv and os.path.isabs(argv[0]):
+        candidates.append(Path(os.path.realpath(argv[0])).parent)
+    found: list[str] = []
+    for candidate in candidates:
+        try:
+            resolved = candidate.resolve()
+        except OSError:
+            continue
+        if resolved.is_dir() and _within(resolved, tmp) and str(resolved) not in found:
+            found.append(str(resolved))
+    return found
 
 
 def bwrap_problem(bwrap: str = "bwrap") -> str | None:

@@ -63,6 +63,21 @@ class Mesh:
         self.agents.append(child)
         return child
 
+    async def wait_slots(self, admin: Metadata, port: int, slots: int) -> None:
+        """Wait until the scheduler replica on ``port`` holds streams with ``slots`` slots in all."""
+        from maw.scheduler.v1 import stats_service_pb2, stats_service_pb2_grpc
+
+        from tests.integration.clients import eventually
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stats = stats_service_pb2_grpc.StatsServiceStub(channel)
+
+            async def connected() -> bool:
+                got = await stats.GetStats(stats_service_pb2.GetStatsRequest(), metadata=admin, timeout=5)
+                return bool(got.total_slots >= slots)
+
+            await eventually(connected, 30, f"agents with {slots} slots to connect")
+
     def stop_agents(self) -> None:
         for child in self.agents:
             child.stop()

@@ -65,6 +65,7 @@ async def test_a_dag_runs_in_order_on_two_real_agents(mesh: Mesh, registry: grpc
     port = mesh.stack.ports.scheduler
     await mesh.agent(registry, admin, f"dag-a-{uuid.uuid4().hex[:6]}", port, ["test"], slots=1)
     await mesh.agent(registry, admin, f"dag-b-{uuid.uuid4().hex[:6]}", port, ["test"], slots=1)
+    await mesh.wait_slots(admin, port, 2)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         tasks = tpb_grpc.TaskServiceStub(channel)
         created = await _create(
