@@ -1,12 +1,35 @@
-"""Wiring of the evaluator service: which contracts it serves, where, and with which migrations."""
+"""Wiring of the evaluator service: its judge, servicers and migrations."""
 
+from __future__ import annotations
+
+from collections.abc import Mapping
 from pathlib import Path
 
-from services.runtime import ServiceDefinition
+from services.runtime import Resources, ServiceDefinition
+
+from .api import CheckpointService, EvaluationIntakeService, EvaluationService, PolicyService
+from .judge import Judge
+from .settings import EvaluatorSettings
+
+
+async def build(resources: Resources) -> Mapping[str, object]:
+    """Start judging and delivery, and hand out the servicers."""
+    settings = EvaluatorSettings()
+    judge = Judge(settings, resources.engine)
+    await judge.start()
+    resources.on_stop.append(judge.stop)
+    return {
+        "maw.evaluator.v1.EvaluationIntakeService": EvaluationIntakeService(resources.engine, judge),
+        "maw.evaluator.v1.EvaluationService": EvaluationService(resources.engine),
+        "maw.evaluator.v1.CheckpointService": CheckpointService(resources.engine, judge),
+        "maw.evaluator.v1.PolicyService": PolicyService(resources.engine),
+    }
+
 
 DEFINITION = ServiceDefinition(
     name="evaluator",
     default_port=50053,
     proto_packages=("maw.evaluator.v1",),
     migrations=Path(__file__).parent / "migrations",
+    build=build,
 )

@@ -46,6 +46,8 @@ class Rule:
     min_role: Role | None = None
     agents: bool = False
     services: bool = False
+    # When set, only these services (``services/{name}``) may call, e.g. one half of an internal loop.
+    only_services: frozenset[str] = frozenset()
 
     def allows(self, principal: Principal) -> bool:
         """Whether ``principal`` (already authenticated) may call the RPC."""
@@ -57,7 +59,7 @@ class Rule:
         if principal.kind == PrincipalKind.AGENT:
             return self.agents
         if principal.kind == PrincipalKind.SERVICE:
-            return self.services
+            return self.services and (not self.only_services or principal.name in self.only_services)
         return False
 
 
@@ -70,6 +72,8 @@ OPERATE = Rule(min_role=Role.OPERATOR)
 ADMIN = Rule(min_role=Role.ADMIN)
 AGENT = Rule(agents=True)
 INTERNAL = Rule(services=True)
+FROM_SCHEDULER = Rule(services=True, only_services=frozenset({"services/scheduler"}))
+FROM_EVALUATOR = Rule(services=True, only_services=frozenset({"services/evaluator"}))
 
 _RULES: dict[str, Rule] = {
     # registry
@@ -121,7 +125,7 @@ _RULES: dict[str, Rule] = {
     "maw.scheduler.v1.TemplateService/UpdateTemplate": OPERATE,
     "maw.scheduler.v1.TemplateService/DeleteTemplate": OPERATE,
     "maw.scheduler.v1.StatsService/GetStats": READ,
-    "maw.scheduler.v1.VerdictService/DeliverVerdicts": INTERNAL,
+    "maw.scheduler.v1.VerdictService/DeliverVerdicts": FROM_EVALUATOR,
     "maw.agent.v1.AgentService/Connect": AGENT,
     # evaluator
     "maw.evaluator.v1.EvaluationService/GetEvaluation": READ,
@@ -140,9 +144,9 @@ _RULES: dict[str, Rule] = {
     # The default policy needs admin, a task's operator: the evaluator checks which one is named.
     "maw.evaluator.v1.PolicyService/GetPolicy": READ,
     "maw.evaluator.v1.PolicyService/UpdatePolicy": OPERATE,
-    "maw.evaluator.v1.EvaluationIntakeService/RegisterTask": INTERNAL,
-    "maw.evaluator.v1.EvaluationIntakeService/SubmitResults": INTERNAL,
-    "maw.evaluator.v1.EvaluationIntakeService/ReportTaskUpdates": INTERNAL,
+    "maw.evaluator.v1.EvaluationIntakeService/RegisterTask": FROM_SCHEDULER,
+    "maw.evaluator.v1.EvaluationIntakeService/SubmitResults": FROM_SCHEDULER,
+    "maw.evaluator.v1.EvaluationIntakeService/ReportTaskUpdates": FROM_SCHEDULER,
 }
 
 

@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import allocation, store
+from .evaluation_link import enqueue_results, is_judged
 from .names import subtask_name, task_name, try_parse_subtask
 from .settings import SchedulerSettings
 from .states import LEASED, TERMINAL_SUBTASK, TERMINAL_TASK, SubtaskState, TaskState, task_outcome
@@ -282,6 +283,7 @@ class Engine:
         self.closed_sessions: list[Session] = []
         self.draining = False
         self.on_assigned: Callable[[int], None] | None = None
+        self.on_judged: Callable[[], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -470,6 +472,8 @@ class Engine:
                 if attempt == 4 or "deadlock" not in str(exc).lower():
                     raise
                 await asyncio.sleep(0.01 * (attempt + 1))
+        if self.on_judged is not None and inbox.results:
+            self.on_judged()
         for session, items in acks.items():
             session.send(apb.ConnectResponse(result_acks=apb.ResultAckBatch(acks=items)))
         if acks or inbox.declined or inbox.handed_back:
@@ -511,6 +515,7 @@ class Engine:
         requeue_failed: list[Pair] = []
         succeeded: list[Pair] = []
         stats: list[tuple[str, int, bool, int]] = []
+        judged: list[tuple[str, str, int, str]] = []
 
         def holds(session: Session, key: tuple[str, str, int] | None) -> store.SubtaskRow | None:
             if key is None:
@@ -653,7 +658,14 @@ class Engine:
             if row.state == SubtaskState.CANCELLED:
                 continue  # the result is kept; the subtask stays cancelled
             counters[row.task_id]["running"] -= 1
-            if result.outcome == _OUTCOME_SUCCEEDED:
+            if result.outcome == _OUTCOME_SUCCEEDED and is_judged(row.tool):
+                # Judged by the evaluator first (evaluation_link.py); verdicts.py applies its verdict.
+                changes.append({"task_id": row.task_id, "key": row.key, "state": int(SubtaskState.EVALUATING),
+                                "progress_percent": 100})  # fmt: skip
+                events.subtask_state(row.task_id, row.key, row.state, SubtaskState.EVALUATING, row.attempt, row.worker)
+                row.state = SubtaskState.EVALUATING
+                judged.append((row.task_id, row.key, row.attempt, result_id))
+            elif result.outcome == _OUTCOME_SUCCEEDED:
                 changes.append(
                     {
                         "task_id": row.task_id,
@@ -697,6 +709,7 @@ class Engine:
                 counters[row.task_id]["failed"] += 1
 
         await store.insert_results(conn, new_rows)
+        await enqueue_results(conn, judged)
         for group in _same_columns(changes):
             await store.set_subtask_states(conn, group)
         await store.requeue(conn, requeue_free, False, self.settings.retry_backoff_base_s)

@@ -9,9 +9,11 @@ from services.runtime import Resources, ServiceDefinition
 
 from .api import StatsService, TaskService, TemplateService
 from .engine import Engine
+from .evaluation_link import EvaluationLink
 from .registry_link import RegistryLink
 from .settings import SchedulerSettings
 from .stream import AgentService
+from .verdicts import VerdictService
 
 
 async def build(resources: Resources) -> Mapping[str, object]:
@@ -21,13 +23,18 @@ async def build(resources: Resources) -> Mapping[str, object]:
     await engine.start()
     link = RegistryLink(settings, engine, resources.engine)
     await link.start()
+    evaluation = EvaluationLink(settings, resources.engine)
+    engine.on_judged = evaluation.poke
+    await evaluation.start()
     resources.on_stop.append(engine.drain)
     resources.on_stop.append(link.stop)
+    resources.on_stop.append(evaluation.stop)
     return {
         "maw.scheduler.v1.TaskService": TaskService(settings, resources.engine, engine),
         "maw.scheduler.v1.TemplateService": TemplateService(resources.engine),
         "maw.scheduler.v1.StatsService": StatsService(resources.engine, engine),
         "maw.agent.v1.AgentService": AgentService(engine, settings.hello_timeout_s),
+        "maw.scheduler.v1.VerdictService": VerdictService(resources.engine, engine),
     }
 
 

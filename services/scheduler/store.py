@@ -250,7 +250,7 @@ async def claim_candidates(conn: AsyncConnection, limit: int) -> list[dict[str, 
             "SELECT s.task_id, s.key, s.tool_kind, s.required_labels, s.privacy_level, s.priority,"
             " s.task_priority, s.ready_time, t.running_count, t.max_concurrency"
             " FROM subtasks s JOIN tasks t ON t.id = s.task_id"
-            " WHERE s.state = 2 AND (s.next_attempt_time IS NULL OR s.next_attempt_time <= now())"
+            " WHERE s.state = 2 AND t.state <> 3 AND (s.next_attempt_time IS NULL OR s.next_attempt_time <= now())"
             " ORDER BY s.task_priority DESC, s.priority DESC, s.ready_time"
             " LIMIT :limit FOR UPDATE OF s SKIP LOCKED"
         ),

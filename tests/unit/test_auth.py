@@ -70,7 +70,9 @@ def test_agents_reach_only_their_stream_and_services_only_internal_and_read_rpcs
         "maw.agent.v1.AgentService/Connect"
     ]
     internal = {m for m in methods if "Intake" in m or "VerdictService" in m}
-    assert internal and all(rules[m].allows(service) for m in internal)  # type: ignore[union-attr]
+    peers = [service, Principal(PrincipalKind.SERVICE, "services/evaluator")]
+    # Each internal RPC admits a service (the judgement loop's two halves admit only their peer).
+    assert internal and all(any(rules[m].allows(p) for p in peers) for m in internal)  # type: ignore[union-attr]
     for m in internal:
         assert not rules[m].allows(Principal(PrincipalKind.USER, "users/a", "admin"))  # type: ignore[union-attr]
     assert not rules["maw.scheduler.v1.TaskService/CreateTask"].allows(service)  # type: ignore[union-attr]

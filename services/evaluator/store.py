@@ -1,0 +1,270 @@
+"""PostgreSQL access for the evaluator schema: every query the evaluator runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+VERDICTS, ACTIVITY = 1, 2  # outbox targets: the scheduler's VerdictService, the registry's activity log
+OPEN = 1  # CheckpointState.OPEN
+
+
+# -- policies and tasks ----------------------------------------------------------------------------------
+
+
+async def get_policy(conn: AsyncConnection, name: str, lock: bool = False) -> tuple[bytes, str, datetime] | None:
+    """(body, etag, update time) of a stored policy."""
+    sql = "SELECT body, etag, update_time FROM policies WHERE name = :n" + (" FOR UPDATE" if lock else "")
+    row = (await conn.execute(text(sql), {"n": name})).first()
+    return (bytes(row[0]), row[1], row[2]) if row else None
+
+
+async def put_policy(conn: AsyncConnection, name: str, body: bytes, etag: str) -> None:
+    """Insert or replace a policy."""
+    await conn.execute(
+        text(
+            "INSERT INTO policies (name, body, etag) VALUES (:n, :b, :e) ON CONFLICT (name) DO UPDATE"
+            " SET body = excluded.body, etag = excluded.etag, update_time = now()"
+        ),
+        {"n": name, "b": body, "e": etag},
+    )
+
+
+async def insert_task(conn: AsyncConnection, task_id: str, body: bytes) -> bool:
+    """Register a task once; False if it was registered before."""
+    row = await conn.execute(
+        text("INSERT INTO tasks (id, body) VALUES (:i, :b) ON CONFLICT DO NOTHING RETURNING id"),
+        {"i": task_id, "b": body},
+    )
+    return row.first() is not None
+
+
+async def get_task(conn: AsyncConnection, task_id: str, lock: bool = False) -> tuple[bytes, bool] | None:
+    """(RegisterTaskRequest bytes, finished) of a registered task; ``lock`` serialises decisions on it."""
+    sql = "SELECT body, finished FROM tasks WHERE id = :i" + (" FOR UPDATE" if lock else "")
+    row = (await conn.execute(text(sql), {"i": task_id})).first()
+    return (bytes(row[0]), bool(row[1])) if row else None
+
+
+async def finish_task(conn: AsyncConnection, task_id: str, finished: bool) -> None:
+    """Mark a task finished (or reopened)."""
+    await conn.execute(text("UPDATE tasks SET finished = :f WHERE id = :i"), {"f": finished, "i": task_id})
+
+
+# -- results and evaluations -------------------------------------------------------------------------------
+
+
+async def insert_result(
+    conn: AsyncConnection, result_id: str, task_id: str, subtask: str, evaluation_id: str, body: bytes
+) -> str | None:
+    """Record a submitted result; returns the evaluation id it got now, or None if it was recorded before."""
+    row = await conn.execute(
+        text(
+            "INSERT INTO results (result_id, task_id, subtask, evaluation_id, body) VALUES (:r, :t, :s, :e, :b)"
+            " ON CONFLICT DO NOTHING RETURNING evaluation_id"
+        ),
+        {"r": result_id, "t": task_id, "s": subtask, "e": evaluation_id, "b": body},
+    )
+    found = row.first()
+    return str(found[0]) if found else None
+
+
+async def evaluation_of_result(conn: AsyncConnection, result_id: str) -> str | None:
+    """The evaluation id an earlier submission of ``result_id`` got."""
+    row = (await conn.execute(text("SELECT evaluation_id FROM results WHERE result_id = :r"), {"r": result_id})).first()
+    return str(row[0]) if row else None
+
+
+async def pending_results(conn: AsyncConnection, limit: int) -> list[tuple[str, str, str, bytes]]:
+    """(result id, task id, evaluation id, body) of results not yet judged, oldest first."""
+    rows = await conn.execute(
+        text(
+            "SELECT result_id, task_id, evaluation_id, body FROM results WHERE NOT done ORDER BY receive_time LIMIT :l"
+        ),
+        {"l": limit},
+    )
+    return [(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+
+async def claim_result(conn: AsyncConnection, result_id: str) -> bool:
+    """Lock a pending result for judging; False if another worker judged (or is judging) it."""
+    row = await conn.execute(
+        text("SELECT 1 FROM results WHERE result_id = :r AND NOT done FOR UPDATE SKIP LOCKED"), {"r": result_id}
+    )
+    return row.first() is not None
+
+
+async def result_body(conn: AsyncConnection, result_id: str) -> bytes | None:
+    """The stored SubmittedResult of ``result_id``."""
+    row = (await conn.execute(text("SELECT body FROM results WHERE result_id = :r"), {"r": result_id})).first()
+    return bytes(row[0]) if row else None
+
+
+async def mark_done(conn: AsyncConnection, result_id: str) -> None:
+    """The result is judged."""
+    await conn.execute(text("UPDATE results SET done = true WHERE result_id = :r"), {"r": result_id})
+
+
+async def insert_evaluation(
+    conn: AsyncConnection, evaluation_id: str, task_id: str, subtask: str, root: str, verdict: int, body: bytes
+) -> None:
+    """Store a completed evaluation."""
+    await conn.execute(
+        text("INSERT INTO evaluations (id, task_id, subtask, root, verdict, body) VALUES (:i, :t, :s, :r, :v, :b)"),
+        {"i": evaluation_id, "t": task_id, "s": subtask, "r": root, "v": verdict, "b": body},
+    )
+
+
+async def get_evaluation(conn: AsyncConnection, evaluation_id: str) -> bytes | None:
+    """An evaluation's body."""
+    row = (await conn.execute(text("SELECT body FROM evaluations WHERE id = :i"), {"i": evaluation_id})).first()
+    return bytes(row[0]) if row else None
+
+
+async def list_evaluations(
+    conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
+) -> list[tuple[bytes, datetime, str]]:
+    """A page of evaluations, oldest first; ``where`` maps a column (task_id, subtask, root) to its value."""
+    clauses = [f"{column} = :{column}" for column in where]
+    params = dict(where)
+    if after is not None:
+        clauses.append("(create_time, id) > (:at, :aid)")
+        params.update(at=after[0], aid=after[1])
+    sql = "SELECT body, create_time, id FROM evaluations"
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += " ORDER BY create_time, id LIMIT :limit"
+    rows = await conn.execute(text(sql), {**params, "limit": limit})
+    return [(bytes(r[0]), r[1], r[2]) for r in rows]
+
+
+async def bump_corrections(conn: AsyncConnection, task_id: str, root: str, feedback: Sequence[bytes]) -> int:
+    """One more correction cycle of ``root`` with its feedback; returns the new cycle number."""
+    row = await conn.execute(
+        text(
+            "INSERT INTO corrections AS c (task_id, root, cycles, feedback) VALUES (:t, :r, 1, CAST(:f AS bytea[]))"
+            " ON CONFLICT (task_id, root) DO UPDATE SET cycles = c.cycles + 1,"
+            " feedback = c.feedback || excluded.feedback"
+            " RETURNING cycles"
+        ),
+        {"t": task_id, "r": root, "f": list(feedback)},
+    )
+    return int(row.scalar_one())
+
+
+async def corrections_of(conn: AsyncConnection, task_id: str, root: str) -> tuple[int, list[bytes]]:
+    """(cycles so far, Feedback bytes given so far) of ``root``."""
+    row = (
+        await conn.execute(
+            text("SELECT cycles, feedback FROM corrections WHERE task_id = :t AND root = :r"), {"t": task_id, "r": root}
+        )
+    ).first()
+    return (int(row[0]), [bytes(b) for b in row[1]]) if row else (0, [])
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+
+
+async def insert_checkpoint(conn: AsyncConnection, checkpoint_id: str, task_id: str, state: int, body: bytes) -> None:
+    """Store a new checkpoint."""
+    await conn.execute(
+        text("INSERT INTO checkpoints (id, task_id, state, body) VALUES (:i, :t, :s, :b)"),
+        {"i": checkpoint_id, "t": task_id, "s": state, "b": body},
+    )
+
+
+async def update_checkpoint(conn: AsyncConnection, checkpoint_id: str, state: int, body: bytes) -> None:
+    """Replace a checkpoint's state and body."""
+    await conn.execute(
+        text("UPDATE checkpoints SET state = :s, body = :b WHERE id = :i"), {"i": checkpoint_id, "s": state, "b": body}
+    )
+
+
+async def get_checkpoint(conn: AsyncConnection, checkpoint_id: str, lock: bool = False) -> bytes | None:
+    """A checkpoint's body."""
+    sql = "SELECT body FROM checkpoints WHERE id = :i" + (" FOR UPDATE" if lock else "")
+    row = (await conn.execute(text(sql), {"i": checkpoint_id})).first()
+    return bytes(row[0]) if row else None
+
+
+async def open_checkpoint_of(conn: AsyncConnection, task_id: str) -> tuple[str, bytes] | None:
+    """The task's OPEN checkpoint, locked, if any."""
+    row = (
+        await conn.execute(
+            text(
+                "SELECT id, body FROM checkpoints WHERE task_id = :t AND state = :s ORDER BY create_time"
+                " LIMIT 1 FOR UPDATE"
+            ),
+            {"t": task_id, "s": OPEN},
+        )
+    ).first()
+    return (row[0], bytes(row[1])) if row else None
+
+
+async def list_checkpoints(
+    conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
+) -> list[tuple[bytes, datetime, str]]:
+    """A page of checkpoints, oldest first; ``where`` maps a column (state, task_id) to its value."""
+    clauses = [f"{column} = :{column}" for column in where]
+    params = dict(where)
+    if after is not None:
+        clauses.append("(create_time, id) > (:at, :aid)")
+        params.update(at=after[0], aid=after[1])
+    sql = "SELECT body, create_time, id FROM checkpoints"
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += " ORDER BY create_time, id LIMIT :limit"
+    rows = await conn.execute(text(sql), {**params, "limit": limit})
+    return [(bytes(r[0]), r[1], r[2]) for r in rows]
+
+
+# -- outbox and request ids -------------------------------------------------------------------------------------
+
+
+async def enqueue(conn: AsyncConnection, target: int, items: Sequence[tuple[str, bytes]]) -> None:
+    """Add (task id, message bytes) items for ``target``, in order."""
+    if items:
+        await conn.execute(
+            text("INSERT INTO outbox (target, task_id, body) VALUES (:g, :t, :b)"),
+            [{"g": target, "t": t, "b": b} for t, b in items],
+        )
+
+
+async def outbox_batch(conn: AsyncConnection, target: int, limit: int) -> list[tuple[int, bytes]]:
+    """The oldest (id, body) items for ``target``."""
+    rows = await conn.execute(
+        text("SELECT id, body FROM outbox WHERE target = :g ORDER BY id LIMIT :l"), {"g": target, "l": limit}
+    )
+    return [(int(r[0]), bytes(r[1])) for r in rows]
+
+
+async def outbox_done(conn: AsyncConnection, ids: Sequence[int]) -> None:
+    """Remove acknowledged items."""
+    if ids:
+        await conn.execute(text("DELETE FROM outbox WHERE id = ANY(:ids)"), {"ids": list(ids)})
+
+
+async def remembered(conn: AsyncConnection, method: str, principal: str, request_id: str) -> bytes | None:
+    """The response an earlier call with this request id got."""
+    row = (
+        await conn.execute(
+            text("SELECT response FROM requests WHERE method = :m AND principal = :p AND request_id = :r"),
+            {"m": method, "p": principal, "r": request_id},
+        )
+    ).first()
+    return bytes(row[0]) if row else None
+
+
+async def remember(conn: AsyncConnection, method: str, principal: str, request_id: str, response: bytes) -> None:
+    """Keep a response for retries with the same request id."""
+    await conn.execute(
+        text(
+            "INSERT INTO requests (method, principal, request_id, response) VALUES (:m, :p, :r, :b)"
+            " ON CONFLICT DO NOTHING"
+        ),
+        {"m": method, "p": principal, "r": request_id, "b": response},
+    )

@@ -1,0 +1,225 @@
+"""What the scheduler tells the evaluator: results to judge, through a transactional outbox.
+
+A SUCCEEDED result of a judged subtask (one run by an AI tool) is committed with the subtask in
+EVALUATING and, in the same transaction, a row in ``evaluation_outbox`` (:func:`enqueue_results`). The
+relay here ships those rows to maw.evaluator.v1.EvaluationIntakeService in batches — RegisterTask for
+each task in the batch first (idempotent by task), then SubmitResults (idempotent by result id) — and
+deletes the rows only once the evaluator acknowledged them, so a crash of either side repeats a batch
+at worst and never loses one. One replica at a time relays (a PostgreSQL advisory lock held for the
+round), which keeps the outbox order. The evaluator answers with verdicts (verdicts.py).
+
+SHELL and TEST results are not judged: their outcome alone decides, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from maw.common.v1 import machine_pb2
+from maw.evaluator.v1 import evaluation_intake_service_pb2 as ipb
+from maw.evaluator.v1 import evaluation_intake_service_pb2_grpc as ipb_grpc
+from maw.scheduler.v1 import resources_pb2 as spb
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.runtime.internal import internal_channel
+
+from .names import subtask_name, task_name
+from .settings import SchedulerSettings
+
+_log = logging.getLogger("maw.scheduler.evaluation")
+RELAY_LOCK = zlib.crc32(b"maw-scheduler-evaluation-relay")
+RELAY_BATCH = 500
+
+JUDGED_TOOLS = frozenset(
+    {
+        machine_pb2.TOOL_KIND_CLAUDE_CODE,
+        machine_pb2.TOOL_KIND_GEMINI_CLI,
+        machine_pb2.TOOL_KIND_CODEX_CLI,
+        machine_pb2.TOOL_KIND_OLLAMA,
+    }
+)
+
+
+def is_judged(tool: int) -> bool:
+    """Whether a result of ``tool`` goes through evaluation (AI tools) or is judged by its outcome."""
+    return tool in JUDGED_TOOLS
+
+
+async def enqueue_results(conn: AsyncConnection, items: Sequence[tuple[str, str, int, str]]) -> None:
+    """(task, key, attempt, result id) of committed results to judge, in the caller's transaction."""
+    if items:
+        await conn.execute(
+            text(
+                "INSERT INTO evaluation_outbox (task_id, key, attempt, result_id) SELECT * FROM"
+                " unnest(CAST(:t AS text[]), CAST(:k AS text[]), CAST(:a AS int[]), CAST(:r AS text[]))"
+            ),
+            {
+                "t": [i[0] for i in items],
+                "k": [i[1] for i in items],
+                "a": [i[2] for i in items],
+                "r": [i[3] for i in items],
+            },
+        )
+
+
+async def _registration(conn: AsyncConnection, task_id: str) -> ipb.RegisterTaskRequest | None:
+    row = (
+        await conn.execute(text("SELECT body, creator, create_time FROM tasks WHERE id = :i"), {"i": task_id})
+    ).first()
+    if row is None:
+        return None
+    task = spb.Task.FromString(row[0])
+    subs = await conn.execute(
+        text("SELECT key, body FROM subtasks WHERE task_id = :i ORDER BY ordinal"), {"i": task_id}
+    )
+    request = ipb.RegisterTaskRequest(
+        task=task_name(task_id),
+        policy=task.policy,
+        description=task.description,
+        requirements=task.requirements,
+        creator=row[1],
+    )
+    request.create_time.FromDatetime(row[2])
+    for key, body in subs:
+        spec = spb.SubtaskSpec.FromString(body)
+        request.subtasks.append(
+            ipb.RegisteredSubtask(
+                name=subtask_name(task_id, key), key=key, type=spec.type, display_name=spec.display_name
+            )
+        )
+    return request
+
+
+async def _submitted(conn: AsyncConnection, rows: Sequence[Any]) -> list[ipb.SubmittedResult]:
+    """The SubmittedResult of each outbox row, from the committed result, subtask and task rows."""
+    out = []
+    for _, task_id, key, attempt, result_id in rows:
+        found = (
+            await conn.execute(
+                text(
+                    "SELECT r.body, r.worker, s.body, s.tool, s.corrects, s.correction_cycle, t.subtask_count,"
+                    " t.succeeded_count FROM results r JOIN subtasks s ON s.task_id = r.task_id AND s.key = r.key"
+                    " JOIN tasks t ON t.id = r.task_id WHERE r.task_id = :t AND r.key = :k AND r.attempt = :a"
+                ),
+                {"t": task_id, "k": key, "a": attempt},
+            )
+        ).first()
+        if found is None:
+            continue
+        res = spb.SubtaskResult.FromString(found[0])
+        spec = spb.SubtaskSpec.FromString(found[2])
+        submitted = ipb.SubmittedResult(
+            result_id=result_id,
+            task=task_name(task_id),
+            subtask=subtask_name(task_id, key),
+            subtask_key=key,
+            display_name=spec.display_name,
+            subtask_type=spec.type,
+            instructions=spec.description,
+            attempt=attempt,
+            correction_cycle=found[5],
+            corrects=subtask_name(task_id, found[4]) if found[4] else "",
+            worker=found[1],
+            tool=machine_pb2.ToolChoice(kind=found[3], model=spec.preferred_tool.model),
+            outcome=res.outcome,
+            exit_code=res.exit_code,
+            summary=res.summary,
+            output=res.output,
+            output_truncated=res.output_truncated,
+            diff=res.diff,
+            artifacts=res.artifacts,
+            token_usage=res.token_usage,
+            duration=res.duration,
+            error_message=res.error_message,
+            task_subtasks_total=found[6],
+            task_subtasks_succeeded=found[7],
+        )
+        if res.HasField("finish_time"):
+            submitted.finish_time.CopyFrom(res.finish_time)
+        out.append(submitted)
+    return out
+
+
+class EvaluationLink:
+    """The relay of judged results to the evaluator (one per replica; one relays at a time)."""
+
+    def __init__(self, settings: SchedulerSettings, db: AsyncEngine) -> None:
+        self.settings = settings
+        self.db = db
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def poke(self) -> None:
+        """Results may be waiting in the outbox."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Start relaying (it keeps retrying while the evaluator is away)."""
+        self._task = asyncio.create_task(self._relay())
+
+    async def stop(self) -> None:
+        """Stop relaying; what is left in the outbox goes out after restart."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _relay(self) -> None:
+        async with internal_channel(self.settings, self.settings.evaluator_addr) as channel:
+            stub: ipb_grpc.EvaluationIntakeServiceAsyncStub = ipb_grpc.EvaluationIntakeServiceStub(channel)
+            while True:
+                try:
+                    shipped = await self.relay_once(stub)
+                except Exception as exc:  # evaluator or database away: nothing was removed; retry
+                    _log.debug("evaluation relay failed: %s", exc)
+                    shipped = 0
+                if shipped < RELAY_BATCH:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    self._wake.clear()
+
+    async def relay_once(self, stub: ipb_grpc.EvaluationIntakeServiceAsyncStub) -> int:
+        """Ship one batch; returns how many outbox rows it removed."""
+        async with self.db.begin() as conn:
+            if not (await conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": RELAY_LOCK})).scalar():
+                return 0
+            rows = (
+                await conn.execute(
+                    text("SELECT id, task_id, key, attempt, result_id FROM evaluation_outbox ORDER BY id LIMIT :n"),
+                    {"n": RELAY_BATCH},
+                )
+            ).all()
+            if not rows:
+                return 0
+            for task_id in dict.fromkeys(r[1] for r in rows):
+                registration = await _registration(conn, task_id)
+                if registration is None:
+                    continue
+                try:
+                    await stub.RegisterTask(registration, timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                        raise
+                    # A policy the evaluator refuses must not block the outbox: judge by the default one.
+                    _log.error("the evaluator refused %s's policy (%s); using the default", task_id, exc.details())
+                    registration.ClearField("policy")
+                    await stub.RegisterTask(registration, timeout=30)
+            results = await _submitted(conn, rows)
+            if results:
+                reply = await stub.SubmitResults(ipb.SubmitResultsRequest(results=results), timeout=30)
+                for ack in reply.acks:
+                    if ack.disposition == ipb.INTAKE_DISPOSITION_REJECTED:
+                        _log.error("the evaluator rejected result %s: %s", ack.result_id, ack.message)
+            await conn.execute(
+                text("DELETE FROM evaluation_outbox WHERE id = ANY(:ids)"), {"ids": [r[0] for r in rows]}
+            )
+            return len(rows)
+
+
+__all__ = ["JUDGED_TOOLS", "EvaluationLink", "enqueue_results", "is_judged"]

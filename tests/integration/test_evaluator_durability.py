@@ -1,0 +1,109 @@
+"""kill -9 of the evaluator between receiving a result and its verdict being acknowledged: exactly once.
+
+The evaluator runs as its own process (the session stack's); the test restarts it with the TEST ONLY
+setting MAW_TEST_HOLD_VERDICTS (services/evaluator/settings.py), which parks the verdict relay either
+before it delivers or after the scheduler applied a verdict but before the outbox row is removed. The
+test kills it -9 right there, starts it normally, and checks the verdict took effect once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import psycopg
+import pytest
+from maw.scheduler.v1 import resources_pb2 as spb
+
+from deploy.local import Stack
+from tests.integration.clients import Metadata, ScriptedAgent, eventually, login
+from tests.integration.test_evaluator import GOOD, WEAK, create, scripted, start_agent, subtasks, task_state
+
+
+@pytest.fixture(scope="module")
+async def admin(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> Metadata:
+    return await login(channels["registry"], "admin", stack.admin_password)
+
+
+@pytest.fixture
+async def agents() -> AsyncIterator[list[ScriptedAgent]]:
+    started: list[ScriptedAgent] = []
+    yield started
+    for agent in started:
+        await agent.stop()
+
+
+async def _restart_evaluator(stack: Stack, hold: str = "") -> None:
+    stack.children.pop("evaluator").kill()
+    saved = dict(stack.extra_env)
+    if hold:
+        stack.extra_env["MAW_TEST_HOLD_VERDICTS"] = hold
+    try:
+        for attempt in range(3):
+            stack.start_service("evaluator", wait=False)  # forked from the loop's thread, never a worker thread
+            try:
+                await asyncio.to_thread(stack.wait_serving, "evaluator", stack.ports.evaluator)
+                return
+            except RuntimeError:
+                # Forking this many-threaded test process (gRPC) rarely crashes the child before exec
+                # (SIGSEGV in preexec_fn); that is the harness, not the evaluator: spawn it again.
+                if attempt == 2:
+                    raise
+                stack.children.pop("evaluator").stop()
+    finally:
+        stack.extra_env = saved
+
+
+def _query(stack: Stack, sql: str, *args: object) -> list[tuple[object, ...]]:
+    with psycopg.connect(stack.database_url) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hold", ["before_delivery", "after_delivery"])
+async def test_a_verdict_survives_kill_9_of_the_evaluator_and_applies_exactly_once(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, agents: list[ScriptedAgent], hold: str
+) -> None:
+    await _restart_evaluator(stack, hold)
+    try:
+        await start_agent(stack, channels, admin, agents, scripted([WEAK, GOOD]))
+        name = await create(channels, admin)
+        task_id = name.removeprefix("tasks/")
+
+        def verdict_waits() -> bool:
+            return bool(_query(stack, "SELECT 1 FROM evaluator.outbox WHERE target = 1 AND task_id = %s", task_id))
+
+        await eventually(verdict_waits, 30, "the CORRECT verdict in the evaluator's outbox")
+        if hold == "after_delivery":
+            await eventually(lambda: _corrections(stack, task_id) == 1, 30, "the scheduler to apply it")
+        else:
+            await asyncio.sleep(0.5)
+            subs = await subtasks(channels, admin, name)
+            assert subs["implement"].state == spb.SUBTASK_STATE_EVALUATING, "nothing delivered yet"
+    finally:
+        await _restart_evaluator(stack)  # kill -9 at the held point, then start normally
+
+    async def succeeded() -> bool:
+        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
+
+    await eventually(succeeded, 30, "the task to finish after the restart")
+    assert _corrections(stack, task_id) == 1, "one correction subtask: the verdict applied once"
+    applied = _query(
+        stack, "SELECT disposition FROM scheduler.applied_verdicts WHERE task_id = %s ORDER BY apply_time", task_id
+    )
+    assert applied == [(1,), (1,)], "CORRECT then ACCEPT, each recorded once as APPLIED"
+    transitions = _query(
+        stack,
+        "SELECT count(*) FROM scheduler.task_events WHERE task_id = %s AND kind = 3",  # subtasks_added
+        task_id,
+    )
+    assert transitions == [(2,)], "the plan, then exactly one correction"
+    assert not _query(stack, "SELECT 1 FROM evaluator.outbox WHERE task_id = %s", task_id), "outbox drained"
+
+
+def _corrections(stack: Stack, task_id: str) -> int:
+    rows = _query(stack, "SELECT count(*) FROM scheduler.subtasks WHERE task_id = %s AND corrects <> ''", task_id)
+    count = rows[0][0]
+    assert isinstance(count, int)
+    return count
