@@ -131,12 +131,18 @@ async def test_cancel_kills_the_tools_process_group_within_a_second(
         reply = await tasks.CancelTask(tpb.CancelTaskRequest(name=created.task.name), metadata=admin, timeout=5)
         assert reply.task.state == spb.TASK_STATE_CANCELLED
 
+        def zombie(pid: int) -> bool:
+            try:
+                return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+            except psutil.NoSuchProcess:
+                return True  # gone between listing and looking
+
         def group_gone() -> bool:
             try:
                 os.killpg(group, 0)
             except ProcessLookupError:
                 return True
-            return all(psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in tool_pids())
+            return all(zombie(p) for p in tool_pids())
 
         await eventually(group_gone, 10, "the tool's process group to die")
         # SIGTERM reaches `sleep` at once; the grace period only matters for tools that ignore it.
