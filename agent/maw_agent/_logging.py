@@ -1,4 +1,4 @@
-"""Logs to stderr, readable in a terminal or one JSON object per line; secrets masked.
+"""Logs to stderr (and optionally a rotated file), readable in a terminal or one JSON object per line; secrets masked.
 
 The credential is masked literally wherever it would appear, and anything shaped like a maw secret or
 a bearer token is masked too, as a last line of defence behind "never log a secret".
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import re
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 __all__ = ["configure_logging"]
 
@@ -53,13 +55,17 @@ def redact(text: str, secrets: list[str]) -> str:
     return _PATTERNS[2].sub(_REDACTED, text)
 
 
-def configure_logging(level: str, fmt: str, secrets: list[str]) -> None:
-    """Send every log record to stderr through the redacting formatter."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Redacting(secrets, as_json=fmt == "json"))
+def configure_logging(level: str, fmt: str, secrets: list[str], log_file: Path | None = None) -> None:
+    """Send every log record to stderr (and to ``log_file``, rotated, when given), secrets masked."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.expanduser().parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.handlers.RotatingFileHandler(log_file.expanduser(), maxBytes=10 << 20, backupCount=3))
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)
-    root.addHandler(handler)
+    for handler in handlers:
+        handler.setFormatter(_Redacting(secrets, as_json=fmt == "json"))
+        root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("grpc").setLevel(max(logging.getLevelName(level), logging.WARNING))

@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"maw-agent: {exc}\n")
         return 2
-    configure_logging(config.log_level, config.log_format, [credential])
+    configure_logging(config.log_level, config.log_format, [credential], config.log_file)
     try:
         return asyncio.run(_run(config))
     except RuntimeError as exc:

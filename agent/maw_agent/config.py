@@ -66,6 +66,7 @@ class AgentConfig(BaseModel):
     tls_server_name: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    log_file: Path | None = Field(default=None, description="Also log to this file (rotated at 10 MiB, 3 kept).")
     shutdown_grace_s: float = Field(default=30.0, ge=0, description="SIGTERM: time to finish running work.")
     result_ack_wait_s: float = Field(default=5.0, ge=0, description="SIGTERM: time to get finished results acked.")
     cancel_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM→SIGKILL when Cancel gives none.")

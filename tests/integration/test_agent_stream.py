@@ -643,6 +643,7 @@ async def test_cli_runs_until_sigterm_then_exits_zero_without_logging_the_creden
         "tools: [test]\n"
         f"work_dir: {tmp_path / 'cli'}\n"
         "log_level: DEBUG\n"
+        f"log_file: {tmp_path / 'logs' / 'agent.log'}\n"
     )
     env = {**os.environ, "MAW_TEST_PORT": str(port), "MAW_TEST_CREDENTIAL": CREDENTIAL}
     process = await asyncio.create_subprocess_exec(
@@ -659,3 +660,5 @@ async def test_cli_runs_until_sigterm_then_exits_zero_without_logging_the_creden
     assert stream.items("goodbye")
     assert CREDENTIAL.encode() not in stderr
     assert b"connected to" in stderr
+    logged = (tmp_path / "logs" / "agent.log").read_bytes()
+    assert b"connected to" in logged and CREDENTIAL.encode() not in logged
