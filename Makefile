@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 BREAKING_AGAINST ?= .git\#branch=main
 PYTEST_ARGS ?=
 
-.PHONY: up dashboard chromium bubblewrap test lint typecheck protos-lint breaking generate unit integration bench clean help
+.PHONY: up dashboard chromium bubblewrap test lint typecheck protos-lint breaking generate unit integration bench bench-dashboard clean help
 
 help:
 	@echo "make up        run the whole mesh (PostgreSQL, Redis, services, Envoy) until Ctrl-C"
 	@echo "make test      ruff, mypy, buf lint/breaking, then every pytest test"
 	@echo "make generate  regenerate gen/python from protos/ with buf"
 	@echo "make bench     run the benchmarks under bench/ (JSON on the last line)"
+	@echo "make bench-dashboard  scheduler commit -> browser render latency of the dashboard (JSON last line)"
 	@echo "make dashboard build the web dashboard into dashboard/dist (only when its sources changed)"
 
 $(STAMP): requirements/agent.txt requirements/server.txt requirements/dev.txt
@@ -79,6 +80,10 @@ integration: $(STAMP) dashboard chromium bubblewrap
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.throughput
+
+# Subtask state change committed in the scheduler -> shown in Chromium (bench/dashboard_latency.py).
+bench-dashboard: $(STAMP) dashboard chromium
+	$(BIN)/python -m bench.dashboard_latency
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -166,3 +166,128 @@ async def test_a_person_signs_in_sees_a_worker_come_online_and_watches_a_dag_fin
     assert result["errors_during_outage"] == []
     for name in ("workers", "create-task-errors", "task-done", "checkpoints", "activity", "activity-reconnecting"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 0
+
+
+async def _node(script: str, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run a dashboard/e2e script to its end; its last stdout line as JSON."""
+    node = shutil.which("node") or "node"
+    proc = await asyncio.create_subprocess_exec(
+        node, str(DASHBOARD / "e2e" / script), cwd=DASHBOARD, env=os.environ | env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"{script} hung")
+    lines = out.decode().strip().splitlines()
+    assert lines, f"{script} printed nothing:\n{err.decode()}"
+    final: dict[str, Any] = json.loads(lines[-1])
+    assert "error" not in final, f"{final.get('error')}\n{json.dumps(final.get('result'), indent=1)}\n{err.decode()}"
+    assert proc.returncode == 0, err.decode()
+    return final
+
+
+async def test_a_person_decides_a_checkpoint_in_the_inbox_and_the_task_moves_on(
+    gateway: str, mesh: Mesh, registry: grpc.aio.Channel, admin: Metadata
+) -> None:
+    from maw.agent.v1 import agent_service_pb2 as apb
+    from maw.common.v1 import machine_pb2, work_pb2
+    from maw.evaluator.v1 import checkpoint_service_pb2 as cpb
+    from maw.evaluator.v1 import checkpoint_service_pb2_grpc as cpb_grpc
+    from maw.evaluator.v1 import resources_pb2 as epb
+    from maw.scheduler.v1 import resources_pb2 as spb
+    from maw.scheduler.v1 import task_service_pb2 as tpb
+    from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
+
+    from tests.integration.clients import ScriptedAgent, enroll
+    from tests.integration.test_evaluator import GOOD, WEAK, diff_result
+
+    claude = machine_pb2.TOOL_KIND_CLAUDE_CODE
+    words = "Use a dict of handlers instead of eval, and read the key from the environment"
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{mesh.stack.ports.scheduler}") as scheduler,
+        grpc.aio.insecure_channel(f"127.0.0.1:{mesh.stack.ports.evaluator}") as evaluator,
+    ):
+        graph = tpb.SubtaskGraph(
+            subtasks=[
+                spb.SubtaskSpec(
+                    key="implement", type=work_pb2.SUBTASK_TYPE_CODE_GENERATION,
+                    preferred_tool=machine_pb2.ToolChoice(kind=claude),
+                )
+            ]
+        )  # fmt: skip
+        created = await tpb_grpc.TaskServiceStub(scheduler).CreateTask(
+            tpb.CreateTaskRequest(task=spb.Task(description="Add an adder (browser checkpoint)"), graph=graph),
+            metadata=admin,
+            timeout=10,
+        )
+        task = created.task.name
+
+        def stand_in(assignment: apb.Assignment) -> apb.Result | None:
+            """A stand-in AI tool: weak diffs (so three corrections fail and the evaluator escalates to a
+            person) until an assignment carries the person's words. Work of other tasks is held, untouched."""
+            if not assignment.lease.subtask.startswith(f"{task}/"):
+                return None
+            return diff_result(assignment, GOOD if words in assignment.prompt else WEAK)
+
+        worker, credential = await enroll(registry, admin, f"claude-{uuid.uuid4().hex[:6]}", [claude])
+        agent = ScriptedAgent(
+            f"127.0.0.1:{mesh.stack.ports.scheduler}", worker, credential, [claude], behaviour=stand_in
+        )
+        await agent.start()
+        try:
+            checkpoints = cpb_grpc.CheckpointServiceStub(evaluator)
+
+            async def open_checkpoints() -> list[epb.Checkpoint]:
+                reply = await checkpoints.ListCheckpoints(
+                    cpb.ListCheckpointsRequest(filter=f'state = OPEN AND task = "{task}"'), metadata=admin, timeout=10
+                )
+                return list(reply.checkpoints)
+
+            async def waiting() -> bool:
+                got = await tpb_grpc.TaskServiceStub(scheduler).GetTask(
+                    tpb.GetTaskRequest(name=task), metadata=admin, timeout=10
+                )
+                return bool(got.task.state == spb.TASK_STATE_WAITING_CHECKPOINT) and bool(await open_checkpoints())
+
+            await eventually(waiting, 60, "the task to wait at a checkpoint")
+            (checkpoint,) = await open_checkpoints()
+            final = await _node(
+                "checkpoint.mjs",
+                {
+                    "MAW_URL": gateway, "MAW_USER": "admin", "MAW_PASSWORD": mesh.stack.admin_password,
+                    "MAW_TASK": task, "MAW_CHECKPOINT": checkpoint.name, "MAW_FEEDBACK": words,
+                    "MAW_ARTIFACTS": str(ARTIFACTS), "MAW_CHROMIUM": CHROMIUM,
+                },
+                120,
+            )  # fmt: skip
+            result: dict[str, Any] = final["result"]
+
+            # Before: the task's page says it waits, the inbox shows the weak diff it is about.
+            assert result["task_state_before"] == "waiting_checkpoint"
+            assert "checkpoint" in result["notice"].lower()
+            assert "def handler(x)" in result["subject"]
+            # A revision without words: the server's field message next to the feedback, nothing decided.
+            assert "feedback" in result["feedback_error"].lower(), "the server's message for `feedback` must show"
+            assert result["still_listed"]
+            # With words: decided by this person, the words reach the agent in the next correction, and the
+            # task's page shows it finish.
+            assert result["decided"]
+            got = await checkpoints.GetCheckpoint(
+                cpb.GetCheckpointRequest(name=checkpoint.name), metadata=admin, timeout=10
+            )
+            assert got.checkpoint.state == epb.CHECKPOINT_STATE_CORRECTED
+            assert got.checkpoint.decision.decided_by == "users/admin"
+            ours = [a for a in agent.assignments if a.lease.subtask.startswith(f"{task}/")]
+            assert [a.key for a in ours] == ["implement"] + [f"implement-fix-{i}" for i in (1, 2, 3, 4)]
+            assert words in ours[4].prompt and not any(words in a.prompt for a in ours[:4])
+            assert result["task_state_after"] == "succeeded"
+            assert result["nodes"]["implement-fix-4"] == "succeeded"
+            assert set(result["nodes"].values()) == {"succeeded"}
+            assert result["page_errors"] == []
+        finally:
+            await agent.stop()
+    for name in ("checkpoint-task-waiting", "checkpoint-feedback-error", "checkpoint-decided", "checkpoint-task-done"):
+        assert (ARTIFACTS / f"{name}.png").stat().st_size > 0
