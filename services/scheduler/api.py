@@ -54,6 +54,16 @@ def _enum_ok(value: int, enum: Any) -> bool:
     return value in enum.values()
 
 
+def _limit_problems(limits: work_pb2.TimeLimits, prefix: str) -> list[tuple[str, str]]:
+    """Time limits must not be negative (zero means none) and fit in a year."""
+    problems = []
+    for field in ("queue_wait", "attempt", "total", "no_progress"):
+        seconds = getattr(limits, field).ToTimedelta().total_seconds()
+        if not 0 <= seconds <= 366 * 86400:
+            problems.append((f"{prefix}.{field}", "must be between 0 (no limit) and one year"))
+    return problems
+
+
 def _check_task_fields(task: spb.Task) -> list[tuple[str, str]]:
     problems = []
     if not task.description.strip():
@@ -81,6 +91,7 @@ def _check_task_fields(task: spb.Task) -> list[tuple[str, str]]:
         if not k or len(k) > 63 or len(v) > 63:
             problems.append(("task.labels", "label keys are 1-63 characters, values at most 63"))
             break
+    problems += _limit_problems(task.time_limits, "task.time_limits")
     if len(task.requirements) > 100 or any(len(r) > 2000 for r in task.requirements):
         problems.append(("task.requirements", "at most 100 requirements of 2000 characters each"))
     return problems
@@ -96,15 +107,15 @@ class TaskService(tpb_grpc.TaskServiceServicer):
 
     # -- create ----------------------------------------------------------------------------------------
 
-    async def _plan(self, request: tpb.CreateTaskRequest) -> tuple[list[dag.StepSpec], str, str]:
-        """The steps of the request's plan, the template name used, and the field to blame."""
+    async def _plan(self, request: tpb.CreateTaskRequest) -> tuple[list[spb.SubtaskSpec], str, str]:
+        """The subtask specs of the request's plan, the template name used, and the field to blame."""
         which = request.WhichOneof("plan")
         if which == "graph":
-            return [conv.step_from_spec(s) for s in request.graph.subtasks], "", "graph.subtasks"
+            return list(request.graph.subtasks), "", "graph.subtasks"
         name = request.template or (BY_TASK_TYPE[request.task.type].name if request.task.type in BY_TASK_TYPE else "")
         name = name or "templates/develop-feature"
         if name in BUILTIN:
-            return [dag.StepSpec(**vars(s)) for s in BUILTIN[name].steps], name, "template"
+            return [conv.spec_from_step(s) for s in BUILTIN[name].steps], name, "template"
         template_id = name.removeprefix("templates/")
         if not name.startswith("templates/") or not ID_PATTERN.match(template_id):
             raise invalid_argument([("template", "must be templates/{template}")])
@@ -113,7 +124,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         if saved is None:
             raise not_found("maw.scheduler.v1.Template", name)
         template = spb.Template.FromString(saved[0])
-        return [conv.step_from_spec(s) for s in template.steps], name, "template"
+        return list(template.steps), name, "template"
 
     async def CreateTask(self, request: tpb.CreateTaskRequest, context: Ctx) -> tpb.CreateTaskResponse:
         problems = _check_task_fields(request.task)
@@ -123,8 +134,12 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             problems.append(("request_id", "at most 128 characters"))
         if problems:
             raise invalid_argument(problems)
-        steps, template, blame = await self._plan(request)
-        problems = dag.validate(steps, "graph.subtasks" if blame == "graph.subtasks" else "template.steps")
+        specs, template, blame = await self._plan(request)
+        steps = [conv.step_from_spec(spec) for spec in specs]
+        prefix = "graph.subtasks" if blame == "graph.subtasks" else "template.steps"
+        problems = dag.validate(steps, prefix)
+        for i, spec in enumerate(specs):
+            problems += _limit_problems(spec.time_limits, f"{prefix}[{i}].time_limits")
         if problems:
             raise invalid_argument(problems)
         creator = _creator()
@@ -145,8 +160,10 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         max_attempts = task.max_attempts or self.settings.default_max_attempts
         after = dag.dependents(steps)
         subtask_rows = []
-        for ordinal, step in enumerate(steps):
-            spec = conv.spec_from_step(step)
+        for ordinal, (step, given) in enumerate(zip(steps, specs, strict=True)):
+            spec = spb.SubtaskSpec()
+            spec.CopyFrom(given)  # everything the caller said, time and resource limits included
+            limits = spec.time_limits if spec.HasField("time_limits") else task.time_limits
             if not step.tool_kind and preferred is not None:
                 spec.preferred_tool.kind = preferred
             spec.complexity = spec.complexity or 3
@@ -165,6 +182,9 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                     "required_labels": json.dumps({**task.required_labels, **step.required_labels}),
                     "dependencies": step.dependencies,
                     "dependents": after[step.key],
+                    "attempt_limit_s": limits.attempt.ToTimedelta().total_seconds(),
+                    "queue_wait_limit_s": limits.queue_wait.ToTimedelta().total_seconds(),
+                    "total_limit_s": limits.total.ToTimedelta().total_seconds(),
                     "deps_remaining": len(step.dependencies),
                 }  # fmt: skip
             )

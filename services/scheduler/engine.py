@@ -774,9 +774,12 @@ class Engine:
             plan = allocation.allocate(cands, agents, self.weights)
             if not plan:
                 return False
-            attempt_s = self.settings.default_attempt_timeout_s
+            limits = {(r["task_id"], r["key"]): r["attempt_limit_s"] for r in raw}
+            default_s = self.settings.default_attempt_timeout_s
             rows = await store.mark_assigned(
-                conn, [(c.task_id, c.key, w, tool, attempt_s) for c, w, tool in plan], self.settings.lease_ttl_s
+                conn,
+                [(c.task_id, c.key, w, tool, limits[(c.task_id, c.key)] or default_s) for c, w, tool in plan],
+                self.settings.lease_ttl_s,
             )
             events = EventLog()
             counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -922,6 +925,16 @@ class Engine:
                             [lease_of(row.task_id, row.key, row.attempt)], apb.CANCEL_REASON_LEASE_LOST, "lease expired"
                         )
                     )
+            for row, broken in await store.overdue(conn):
+                limit = "queue-wait" if broken == "queue_wait" else "total"
+                reason = f"{limit} time limit reached"
+                if row.state in LEASED:
+                    counters[row.task_id]["running"] -= 1
+                    self._cancel_leases(cancels, [row], apb.CANCEL_REASON_TIME_LIMIT, reason)
+                failed.append({"task_id": row.task_id, "key": row.key, "state": int(SubtaskState.FAILED),
+                               "end_time": now_utc(), "worker": None})  # fmt: skip
+                counters[row.task_id]["failed"] += 1
+                events.subtask_state(row.task_id, row.key, row.state, SubtaskState.FAILED, row.attempt, None, reason)
             await store.requeue(conn, again, True, self.settings.retry_backoff_base_s)
             await store.set_subtask_states(conn, failed)
             tasks = await store.bump_task_counters(conn, {t: dict(c) for t, c in counters.items()})
@@ -978,16 +991,16 @@ class Engine:
                 _log.warning("could not publish %d cancellations; agents learn at their next heartbeat", len(remote))
 
     def _cancel_local(self, cancels: list[dict[str, Any]]) -> None:
-        grouped: dict[str, list[apb.Lease]] = defaultdict(list)
+        grouped: dict[str, list[apb.Cancel]] = defaultdict(list)
         for c in cancels:
             session = self.sessions.get(c["worker"])
             if session is None:
                 continue
             key = (c["task"], c["key"], c["attempt"])
             session.outstanding.discard(key)
-            grouped[c["worker"]].append(lease_of(*key))
-        for worker, leases in grouped.items():
-            self.sessions[worker].send(_cancels(leases, apb.CANCEL_REASON_TASK_CANCELLED, "cancelled"))
+            grouped[c["worker"]].append(apb.Cancel(lease=lease_of(*key), reason=c["reason"], message=c["message"]))
+        for worker, items in grouped.items():
+            self.sessions[worker].send(apb.ConnectResponse(cancels=apb.CancelBatch(cancels=items)))
 
     # -- wake-ups, pub/sub, census ----------------------------------------------------------------------------
 

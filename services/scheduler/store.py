@@ -9,7 +9,7 @@ each in key order, so concurrent replicas cannot deadlock on each other's batche
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -82,6 +82,13 @@ class SubtaskRow:
     start_time: datetime | None
     end_time: datetime | None
     update_time: datetime
+    corrects: str = ""
+    correction_cycle: int = 0
+    feedback: list[bytes] = field(default_factory=list)
+    evaluation: str = ""
+    evaluation_score: float = 0.0
+    grade: int = 0
+    checkpoint: str = ""
 
 
 _TASK_COLS = ", ".join(TaskRow.__dataclass_fields__)
@@ -126,10 +133,12 @@ async def insert_task(conn: AsyncConnection, task: dict[str, Any], subtasks: Seq
     await conn.execute(
         text(
             "INSERT INTO subtasks (task_id, key, ordinal, body, state, max_attempts, priority, task_priority,"
-            " tool_kind, privacy_level, required_labels, dependencies, dependents, deps_remaining, ready_time)"
+            " tool_kind, privacy_level, required_labels, dependencies, dependents, deps_remaining, ready_time,"
+            " attempt_limit_s, queue_wait_limit_s, total_limit_s)"
             " VALUES (:task_id, :key, :ordinal, :body, :state, :max_attempts, :priority, :task_priority,"
             " :tool_kind, :privacy_level, CAST(:required_labels AS jsonb), :dependencies, :dependents,"
-            " :deps_remaining, CASE WHEN :state = 2 THEN now() END)"
+            " :deps_remaining, CASE WHEN :state = 2 THEN now() END, :attempt_limit_s, :queue_wait_limit_s,"
+            " :total_limit_s)"
         ),
         list(subtasks),
     )
@@ -248,7 +257,7 @@ async def claim_candidates(conn: AsyncConnection, limit: int) -> list[dict[str, 
     rows = await conn.execute(
         text(
             "SELECT s.task_id, s.key, s.tool_kind, s.required_labels, s.privacy_level, s.priority,"
-            " s.task_priority, s.ready_time, t.running_count, t.max_concurrency"
+            " s.task_priority, s.ready_time, t.running_count, t.max_concurrency, s.attempt_limit_s"
             " FROM subtasks s JOIN tasks t ON t.id = s.task_id"
             " WHERE s.state = 2 AND t.state <> 3 AND (s.next_attempt_time IS NULL OR s.next_attempt_time <= now())"
             " ORDER BY s.task_priority DESC, s.priority DESC, s.ready_time"
@@ -381,6 +390,23 @@ async def expired_leases(conn: AsyncConnection, grace_s: float, limit: int = 500
         {"leased": _LEASED, "grace": grace_s, "limit": limit},
     )
     return _subtasks(rows.all())
+
+
+async def overdue(conn: AsyncConnection, limit: int = 500) -> list[tuple[SubtaskRow, str]]:
+    """Lock live subtasks past their queue-wait or total time limit, with the limit they broke."""
+    rows = await conn.execute(
+        text(
+            f"SELECT {_SUBTASK_COLS}, CASE WHEN state = 2 AND queue_wait_limit_s > 0"
+            "  AND ready_time < now() - make_interval(secs => queue_wait_limit_s) THEN 'queue_wait' ELSE 'total' END"
+            " FROM subtasks WHERE (state = 2 AND queue_wait_limit_s > 0"
+            "  AND ready_time < now() - make_interval(secs => queue_wait_limit_s))"
+            " OR (state = ANY(:live) AND total_limit_s > 0"
+            "  AND start_time < now() - make_interval(secs => total_limit_s))"
+            " ORDER BY task_id, key LIMIT :limit FOR UPDATE SKIP LOCKED"
+        ),
+        {"live": [2, *_LEASED], "limit": limit},
+    )
+    return [(SubtaskRow(*r[:-1]), r[-1]) for r in rows]
 
 
 async def leases_of(conn: AsyncConnection, worker: str) -> dict[tuple[str, str], SubtaskRow]:

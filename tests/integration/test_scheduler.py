@@ -628,3 +628,64 @@ async def test_a_viewer_can_read_but_not_create_or_cancel(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await tasks.CreateTask(tpb.CreateTaskRequest(task=new_task(), graph=graph(("a", []))), metadata=viewer)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def _limits(**seconds: float) -> work_pb2.TimeLimits:
+    limits = work_pb2.TimeLimits()
+    for name, value in seconds.items():
+        getattr(limits, name).FromTimedelta(__import__("datetime").timedelta(seconds=value))
+    return limits
+
+
+async def test_the_scheduler_enforces_queue_wait_total_and_attempt_time_limits(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub,
+    agents: list[ScriptedAgent],
+) -> None:  # fmt: skip
+    hanging = await connect(stack, channels, admin, agents, [SHELL], behaviour=lambda a: None)
+    waits = tpb.SubtaskGraph(
+        subtasks=[spb.SubtaskSpec(key="nobody-can", required_labels={"gpu": "h100"}, time_limits=_limits(queue_wait=1))]
+    )
+    runs = tpb.SubtaskGraph(
+        subtasks=[
+            spb.SubtaskSpec(
+                key="too-long",
+                preferred_tool=machine_pb2.ToolChoice(kind=SHELL),
+                time_limits=_limits(total=1.5, attempt=42),
+            )
+        ]
+    )
+    waiting = await tasks.CreateTask(tpb.CreateTaskRequest(task=new_task(), graph=waits), metadata=admin)
+    running = await tasks.CreateTask(tpb.CreateTaskRequest(task=new_task(), graph=runs), metadata=admin)
+    await eventually(lambda: hanging.assignments, what="the long one to start")
+    given = hanging.assignments[0]
+    allowed = given.attempt_deadline.ToDatetime() - given.lease_deadline.ToDatetime()
+    assert 38 < allowed.total_seconds() + 2 < 46, "the attempt deadline follows the subtask's own attempt limit"
+
+    async def both_failed() -> bool:
+        states = [await state_of(tasks, admin, t.task.name) for t in (waiting, running)]
+        return states == [spb.TASK_STATE_FAILED, spb.TASK_STATE_FAILED]
+
+    await eventually(both_failed, 15, "both limits to be enforced")
+    for created, reason in ((waiting, "queue-wait time limit reached"), (running, "total time limit reached")):
+        events = await watch_all(tasks, admin, created.task.name)
+        failures = [
+            e.subtask_state_changed.reason
+            for e in events
+            if e.WhichOneof("kind") == "subtask_state_changed"
+            and e.subtask_state_changed.subtask.state == spb.SUBTASK_STATE_FAILED
+        ]
+        assert failures == [reason]
+    await eventually(lambda: hanging.cancels, what="the Cancel of the overdue attempt")
+    assert hanging.cancels[0].reason == apb.CANCEL_REASON_TIME_LIMIT
+    assert hanging.cancels[0].lease == given.lease
+
+
+async def test_negative_time_limits_are_refused_naming_the_field(
+    admin: Metadata, tasks: tpb_grpc.TaskServiceAsyncStub
+) -> None:
+    bad = spb.SubtaskSpec(key="a", time_limits=_limits(attempt=-5))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.CreateTask(
+            tpb.CreateTaskRequest(task=new_task(), graph=tpb.SubtaskGraph(subtasks=[bad])), metadata=admin, timeout=5
+        )
+    assert "graph.subtasks[0].time_limits.attempt" in _violations(err.value)
