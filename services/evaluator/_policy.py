@@ -9,13 +9,14 @@ from google.protobuf import duration_pb2
 from maw.common.v1 import work_pb2
 from maw.evaluator.v1 import resources_pb2 as epb
 
-from .judgement import Rules, Trigger
+from .judgement import Frequency, Rules, Trigger
 from .scorers import Dimension, registered
 from .scoring import DEFAULT_WEIGHTS
 
 DEFAULT_NAME = "policies/default"
+# FREQUENCY is off in the built-in default (a task that sets its own checkpoint_frequency turns it on, see
+# overlay): on by default it would stop every task four times for a person. docs/evaluation.md.
 _DEFAULT_TRIGGERS = [
-    epb.CHECKPOINT_TRIGGER_FREQUENCY,
     epb.CHECKPOINT_TRIGGER_ERROR,
     epb.CHECKPOINT_TRIGGER_LOW_SCORE,
     epb.CHECKPOINT_TRIGGER_ESCALATION,
@@ -56,6 +57,8 @@ def overlay(base: epb.Policy, given: epb.Policy) -> epb.Policy:
     if given.triggers:
         del out.triggers[:]
         out.triggers.extend(given.triggers)
+    elif given.checkpoint_frequency and epb.CHECKPOINT_TRIGGER_FREQUENCY not in out.triggers:
+        out.triggers.append(epb.CHECKPOINT_TRIGGER_FREQUENCY)  # asking for a frequency asks for its stops
     for message in ("time_budget", "peer_review", "voting"):
         if given.HasField(message):
             getattr(out, message).CopyFrom(getattr(given, message))
@@ -83,6 +86,13 @@ def problems(policy: epb.Policy, prefix: str = "policy") -> list[tuple[str, str]
         seen.add(w.dimension)
         if not math.isfinite(w.weight) or w.weight < 0:
             found.append((f"{prefix}.weights[{i}].weight", "must be 0 or more"))
+    if policy.checkpoint_frequency not in {0, 1, 2, 3}:
+        found.append((f"{prefix}.checkpoint_frequency", "must be LOW, MEDIUM or HIGH"))
+    for i, trigger in enumerate(policy.triggers):
+        if trigger not in {int(t) for t in Trigger}:
+            found.append((f"{prefix}.triggers[{i}]", "must be a checkpoint trigger"))
+    if policy.time_budget.seconds < 0 or policy.time_budget.nanos < 0:
+        found.append((f"{prefix}.time_budget", "must not be negative"))
     known = registered()
     for i, name in enumerate(policy.scorers):
         if name not in known:
@@ -97,6 +107,7 @@ def rules_of(policy: epb.Policy) -> Rules:
         review_threshold=policy.review_threshold,
         max_correction_cycles=policy.max_correction_cycles,
         triggers=frozenset(Trigger(t) for t in policy.triggers if t in {int(x) for x in Trigger}),
+        frequency=Frequency(policy.checkpoint_frequency) if policy.checkpoint_frequency in {1, 2, 3} else None,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -29,7 +29,7 @@ from services.runtime.errors import MawError, failed_precondition, not_found, pe
 from services.runtime.principal import current_principal
 
 from . import _policy, store
-from .judge import Judge, effective_policy, new_verdict, now_ts, task_id_of
+from .judge import Judge, effective_policy, new_verdict, now_ts, open_or_join_checkpoint, task_id_of, task_pause
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -109,6 +109,11 @@ class EvaluationIntakeService(ipb_grpc.EvaluationIntakeServiceServicer):
                 policy.etag = uuid.uuid4().hex[:16]
                 policy.update_time.CopyFrom(now_ts())
                 await store.put_policy(conn, policy.name, policy.SerializeToString(), policy.etag)
+                budget = policy.time_budget.ToTimedelta()
+                if budget.total_seconds() > 0:
+                    given = request.HasField("create_time")
+                    start = request.create_time.ToDatetime(UTC) if given else datetime.now(UTC)
+                    await store.set_budget(conn, task_id, start + budget)
                 return ipb.RegisterTaskResponse(policy=policy)
         async with self.db.connect() as conn:
             return ipb.RegisterTaskResponse(policy=await effective_policy(conn, task_id))
@@ -312,6 +317,8 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
                 raise failed_precondition("CHECKPOINT_CLOSED", request.name, f"the checkpoint is already {closed}")
             bad = [(f"correct_subtasks[{i}]", "not one of the checkpoint's subtasks")
                    for i, s in enumerate(request.correct_subtasks) if s not in cp.subtasks]  # fmt: skip
+            if request.decision == epb.CHECKPOINT_DECISION_CORRECT and not cp.subtasks:
+                bad.append(("decision", "this checkpoint holds no results to correct; APPROVE or REJECT it"))
             if bad:
                 raise invalid_argument(bad)
             task_id = task_id_of(cp.task)
@@ -347,7 +354,53 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
     async def CreateCheckpoint(
         self, request: cpb.CreateCheckpointRequest, context: Ctx
     ) -> cpb.CreateCheckpointResponse:
-        raise _not_built("CreateCheckpoint")
+        caller = current_principal()
+        given = request.checkpoint
+        match = _TASK.match(given.task)
+        problems = [] if match else [("checkpoint.task", "must be tasks/{task}")]
+        if len(given.reason) > 2000:
+            problems.append(("checkpoint.reason", "at most 2000 characters"))
+        if given.subtasks:
+            problems.append(("checkpoint.subtasks", "a manual checkpoint pauses the whole task; leave subtasks empty"))
+        if given.assignee and not re.match(r"^users/[A-Za-z0-9_.@-]{1,128}$", given.assignee):
+            problems.append(("checkpoint.assignee", "must be users/{user}"))
+        if len(request.request_id) > 128:
+            problems.append(("request_id", "at most 128 characters"))
+        if problems:
+            raise invalid_argument(problems)
+        assert match is not None
+        task_id = match.group(1)
+        method = "CreateCheckpoint"
+        async with self.db.begin() as conn:
+            if request.request_id:
+                earlier = await store.remembered(conn, method, caller.name, request.request_id)
+                if earlier is not None:
+                    return cpb.CreateCheckpointResponse.FromString(earlier)
+            task = await store.get_task(conn, task_id, lock=True)
+            if task is None:
+                raise not_found("maw.scheduler.v1.Task", given.task)
+            if task[1]:
+                raise failed_precondition("TASK_FINISHED", given.task, "the task has finished")
+            if (found := await store.open_checkpoint_of(conn, task_id)) is not None:
+                name = epb.Checkpoint.FromString(found[1]).name
+                raise failed_precondition("CHECKPOINT_OPEN", given.task, f"the task already waits at {name}")
+            reason = given.reason or f"opened by {caller.name}"
+            cp, _ = await open_or_join_checkpoint(
+                conn, given.task, "", epb.CHECKPOINT_TRIGGER_MANUAL, reason, 0, creator=caller.name
+            )
+            if given.assignee:
+                cp.assignee = given.assignee
+                await store.update_checkpoint(conn, cp.name.removeprefix("checkpoints/"), cp.state,
+                                              cp.SerializeToString())  # fmt: skip
+            await store.enqueue(conn, store.VERDICTS, [(task_id, task_pause(cp).SerializeToString())])
+            opened = _activity(cp, caller.name, "opened", cp.create_time, reason)
+            await store.enqueue(conn, store.ACTIVITY, [(task_id, opened.SerializeToString())])
+            response = cpb.CreateCheckpointResponse(checkpoint=cp)
+            if request.request_id:
+                await store.remember(conn, method, caller.name, request.request_id, response.SerializeToString())
+        self.judge.poke(store.VERDICTS)
+        self.judge.poke(store.ACTIVITY)
+        return response
 
     async def PreviewRollback(self, request: cpb.PreviewRollbackRequest, context: Ctx) -> cpb.PreviewRollbackResponse:
         raise _not_built("PreviewRollback")
@@ -407,22 +460,27 @@ def work_feedback(body: bytes) -> Any:
     return work_pb2.Feedback.FromString(body)
 
 
-def _activity(cp: epb.Checkpoint, who: str, word: str) -> aipb.ActivityRecord:
+def _activity(
+    cp: epb.Checkpoint, who: str, word: str, when: Any = None, comment: str | None = None
+) -> aipb.ActivityRecord:
+    comment = cp.decision.comment if comment is None else comment
     details = struct_pb2.Struct()
-    details.update({"checkpoint": cp.name, "decision": word, "comment": cp.decision.comment[:2000]})
+    details.update({"checkpoint": cp.name, "decision": word, "comment": comment[:2000]})
     entry = rpb.ActivityEntry(
-        time=cp.close_time,
+        time=cp.close_time if when is None else when,
         actor=rpb.Actor(kind=rpb.ACTOR_KIND_USER, name=who),
         verb=f"checkpoint.{word}",
         resource=cp.name,
         task=cp.task,
         level=rpb.ACTIVITY_LEVEL_INFO,
-        summary=f"{who} {word} {cp.name}" + (f": {cp.decision.comment}" if cp.decision.comment else ""),
+        summary=f"{who} {word} {cp.name}" + (f": {comment}" if comment else ""),
         details=details,
         service="evaluator",
     )
     entry.summary = entry.summary[:2000]
-    return aipb.ActivityRecord(entry_id=f"evaluator-decision-{cp.name.removeprefix('checkpoints/')}", entry=entry)
+    ident = cp.name.removeprefix("checkpoints/")
+    kind = "opened" if word == "opened" else "decision"
+    return aipb.ActivityRecord(entry_id=f"evaluator-{kind}-{ident}", entry=entry)
 
 
 # -- policies ---------------------------------------------------------------------------------------------------

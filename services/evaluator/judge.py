@@ -37,7 +37,7 @@ from services.runtime.internal import internal_channel
 
 from . import _policy, store
 from .diffs import parse_diff
-from .judgement import Decision, Trigger, Verdict, decide
+from .judgement import Decision, Trigger, Verdict, decide, with_frequency
 from .scorers import Dimension, Finding, Work, registered
 from .scoring import Scorecard, evaluate
 from .settings import EvaluatorSettings
@@ -178,19 +178,29 @@ def new_verdict(result_task: str, subtask: str, attempt: int, result_id: str, ev
 
 
 async def open_or_join_checkpoint(
-    conn: AsyncConnection, task: str, subtask: str, trigger: int, reason: str, progress: int
-) -> epb.Checkpoint:
-    """Open a checkpoint for ``subtask``, or add it to the task's open one (one open checkpoint per task)."""
+    conn: AsyncConnection,
+    task: str,
+    subtask: str,
+    trigger: int,
+    reason: str,
+    progress: int,
+    creator: str = "evaluator",
+) -> tuple[epb.Checkpoint, bool]:
+    """Open a checkpoint for ``subtask`` (empty: the whole task), or join the task's open one.
+
+    One open checkpoint per task; returns it and whether it was opened now.
+    """
     task_id = task_id_of(task)
     existing = await store.open_checkpoint_of(conn, task_id)
     if existing is not None:
         cp = epb.Checkpoint.FromString(existing[1])
-        if subtask not in cp.subtasks:
-            cp.subtasks.append(subtask)
+        if subtask not in cp.subtasks or not subtask:
+            if subtask:
+                cp.subtasks.append(subtask)
             cp.reason = f"{cp.reason}; {reason}"[:2000]
             cp.etag = uuid.uuid4().hex[:16]
             await store.update_checkpoint(conn, existing[0], cp.state, cp.SerializeToString())
-        return cp
+        return cp, False
     checkpoint_id = uuid.uuid4().hex[:16]
     cp = epb.Checkpoint(
         name=f"checkpoints/{checkpoint_id}",
@@ -198,14 +208,23 @@ async def open_or_join_checkpoint(
         trigger=trigger,  # type: ignore[arg-type]
         reason=reason,
         state=epb.CHECKPOINT_STATE_OPEN,
-        subtasks=[subtask],
+        subtasks=[subtask] if subtask else [],
         progress_percent=progress,
-        creator="evaluator",
+        creator=creator,
         create_time=now_ts(),
         etag=uuid.uuid4().hex[:16],
     )
     await store.insert_checkpoint(conn, checkpoint_id, task_id, cp.state, cp.SerializeToString())
-    return cp
+    return cp, True
+
+
+def task_pause(cp: epb.Checkpoint) -> vpb.Verdict:
+    """The verdict that pauses a whole task at ``cp`` (no subtask is held: MANUAL, TIME_BUDGET)."""
+    verdict = new_verdict(cp.task, "", 0, "", "")
+    verdict.pause.trigger = cp.trigger
+    verdict.pause.reason = cp.reason
+    verdict.pause.checkpoint = cp.name
+    return verdict
 
 
 async def effective_policy(conn: AsyncConnection, task_id: str) -> epb.Policy:
@@ -239,6 +258,7 @@ class Judge:
             asyncio.create_task(self._loop(self._wake_judge, self.judge_round)),
             asyncio.create_task(self._loop(self._wake[store.VERDICTS], self._relay_verdicts)),
             asyncio.create_task(self._loop(self._wake[store.ACTIVITY], self._relay_activity)),
+            asyncio.create_task(self._loop(asyncio.Event(), self.budget_round)),
         ]
 
     async def stop(self) -> None:
@@ -284,7 +304,9 @@ class Judge:
             if not await store.claim_result(conn, result.result_id):
                 return  # judged meanwhile by another replica
             policy = await effective_policy(conn, task_id)
-            decision = decide(card.overall, result.correction_cycle, _policy.rules_of(policy))
+            rules = _policy.rules_of(policy)
+            decision = decide(card.overall, result.correction_cycle, rules)
+            decision = with_frequency(decision, rules, result.task_subtasks_succeeded, result.task_subtasks_total)
             state = epb.EVALUATION_STATE_COMPLETED
             if card.broken and card.overall is None:
                 state = epb.EVALUATION_STATE_FAILED
@@ -298,7 +320,7 @@ class Judge:
                 )
             elif decision.verdict == Verdict.ESCALATE:
                 total = max(1, result.task_subtasks_total)
-                cp = await open_or_join_checkpoint(
+                cp, _ = await open_or_join_checkpoint(
                     conn, result.task, result.subtask, int(decision.trigger or Trigger.ESCALATION), decision.reason,
                     100 * result.task_subtasks_succeeded // total,
                 )  # fmt: skip
@@ -335,6 +357,30 @@ class Judge:
         else:
             verdict.reject.reason = decision.reason
         return [verdict]
+
+    # -- time budgets ------------------------------------------------------------------------------------------
+
+    async def budget_round(self) -> bool:
+        """Pause tasks running past their policy's time budget at a TIME_BUDGET checkpoint (once per task)."""
+        paused = False
+        async with self.db.begin() as conn:
+            due = await store.budgets_due(conn, 100)
+            for task_id in due:
+                await store.mark_budget_fired(conn, task_id)
+                policy = await effective_policy(conn, task_id)
+                if Trigger.TIME_BUDGET not in _policy.rules_of(policy).triggers:
+                    continue
+                budget = policy.time_budget.ToTimedelta()
+                reason = f"the task has run longer than its time budget of {budget}"
+                cp, opened = await open_or_join_checkpoint(
+                    conn, f"tasks/{task_id}", "", int(Trigger.TIME_BUDGET), reason, 0
+                )
+                if opened:
+                    await store.enqueue(conn, store.VERDICTS, [(task_id, task_pause(cp).SerializeToString())])
+                    paused = True
+        if paused:
+            self.poke(store.VERDICTS)
+        return len(due) >= 100
 
     # -- delivery -----------------------------------------------------------------------------------------------
 
@@ -384,4 +430,14 @@ class Judge:
         return len(batch) >= self.settings.relay_batch
 
 
-__all__ = ["Judge", "effective_policy", "feedback_of", "instructions_of", "new_verdict", "now_ts", "work_of"]
+__all__ = [
+    "Judge",
+    "effective_policy",
+    "feedback_of",
+    "instructions_of",
+    "new_verdict",
+    "now_ts",
+    "open_or_join_checkpoint",
+    "task_pause",
+    "work_of",
+]

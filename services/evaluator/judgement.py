@@ -4,6 +4,9 @@
 REJECT when that trigger is off); [acceptance, review) → ESCALATE at a LOW_SCORE checkpoint when that
 trigger is on, else ACCEPT; [review, 10] → ACCEPT. A result no scorer could measure (no code change)
 is judged by its outcome alone, like a SHELL or TEST result: ACCEPT, with grade UNSPECIFIED.
+
+An ACCEPT that brings the task's progress to a milestone of its checkpoint frequency (HIGH: every subtask;
+MEDIUM: 25/50/75/100 %; LOW: 50/100 %) stops at a FREQUENCY checkpoint instead, when that trigger is on.
 """
 
 from __future__ import annotations
@@ -34,6 +37,17 @@ class Trigger(enum.IntEnum):
     BEFORE_FINAL_ACCEPT = 8
 
 
+class Frequency(enum.IntEnum):
+    """Checkpoint frequencies (values equal maw.common.v1.CheckpointFrequency)."""
+
+    LOW = 1
+    MEDIUM = 2
+    HIGH = 3
+
+
+_MILESTONES = {Frequency.LOW: (50, 100), Frequency.MEDIUM: (25, 50, 75, 100)}
+
+
 @dataclass(frozen=True)
 class Rules:
     """The parts of a policy that decide a verdict."""
@@ -42,6 +56,7 @@ class Rules:
     review_threshold: float = 7.0
     max_correction_cycles: int = 3
     triggers: frozenset[Trigger] = frozenset(Trigger)
+    frequency: Frequency | None = Frequency.MEDIUM
 
 
 @dataclass(frozen=True)
@@ -75,4 +90,31 @@ def decide(overall: float | None, cycle: int, rules: Rules) -> Decision:
     return Decision(Verdict.ACCEPT, f"{overall:.1f} at or above acceptance {acc:.1f}")
 
 
-__all__ = ["Decision", "Rules", "Trigger", "Verdict", "decide"]
+def milestone(frequency: Frequency | None, done_before: int, total: int) -> int | None:
+    """The progress milestone (percent) one more finished subtask reaches, or None.
+
+    ``done_before`` subtasks of ``total`` were finished before this one. HIGH stops after every subtask (the
+    milestone is the progress reached); MEDIUM and LOW when the progress crosses a milestone (the furthest,
+    if it crosses two).
+    """
+    if frequency is None or total <= 0:
+        return None
+    before = max(0, min(done_before, total))
+    after = min(before + 1, total)
+    if frequency == Frequency.HIGH:
+        return 100 * after // total
+    crossed = [mark for mark in _MILESTONES[frequency] if before * 100 < mark * total <= after * 100]
+    return crossed[-1] if crossed else None  # one stop, at the furthest milestone reached
+
+
+def with_frequency(decision: Decision, rules: Rules, done_before: int, total: int) -> Decision:
+    """``decision``, or a FREQUENCY checkpoint when it accepts a result that reaches a progress milestone."""
+    if decision.verdict != Verdict.ACCEPT or Trigger.FREQUENCY not in rules.triggers:
+        return decision
+    reached = milestone(rules.frequency, done_before, total)
+    if reached is None:
+        return decision
+    return Decision(Verdict.ESCALATE, f"{decision.reason}; the task reached {reached} % progress", Trigger.FREQUENCY)
+
+
+__all__ = ["Decision", "Frequency", "Rules", "Trigger", "Verdict", "decide", "milestone", "with_frequency"]

@@ -55,6 +55,28 @@ async def finish_task(conn: AsyncConnection, task_id: str, finished: bool) -> No
     await conn.execute(text("UPDATE tasks SET finished = :f WHERE id = :i"), {"f": finished, "i": task_id})
 
 
+async def set_budget(conn: AsyncConnection, task_id: str, deadline: datetime | None) -> None:
+    """When the task's time budget runs out (None: never)."""
+    await conn.execute(text("UPDATE tasks SET budget_deadline = :d WHERE id = :i"), {"d": deadline, "i": task_id})
+
+
+async def budgets_due(conn: AsyncConnection, limit: int) -> list[str]:
+    """Lock unfinished tasks whose time budget ran out and has not fired yet."""
+    rows = await conn.execute(
+        text(
+            "SELECT id FROM tasks WHERE NOT finished AND NOT budget_fired AND budget_deadline < now()"
+            " ORDER BY budget_deadline LIMIT :l FOR UPDATE SKIP LOCKED"
+        ),
+        {"l": limit},
+    )
+    return [str(r[0]) for r in rows]
+
+
+async def mark_budget_fired(conn: AsyncConnection, task_id: str) -> None:
+    """The task's time budget was handled."""
+    await conn.execute(text("UPDATE tasks SET budget_fired = true WHERE id = :i"), {"i": task_id})
+
+
 # -- results and evaluations -------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
-from maw.common.v1 import machine_pb2
+from maw.common.v1 import machine_pb2, work_pb2
 from maw.scheduler.v1 import resources_pb2 as spb
 
 from services.runtime import invalid_argument
@@ -130,6 +130,13 @@ def subtask_message(row: store.SubtaskRow, result: bytes | None = None) -> spb.S
         required_labels=dict(row.required_labels),
         time_limits=spec.time_limits,
         state_message=row.state_message,
+        evaluation=row.evaluation,
+        evaluation_score=row.evaluation_score,
+        grade=row.grade,  # type: ignore[arg-type]
+        correction_cycle=row.correction_cycle,
+        corrects=subtask_name(row.task_id, row.corrects) if row.corrects else "",
+        checkpoint=row.checkpoint,
+        feedback=[work_pb2.Feedback.FromString(bytes(b)) for b in row.feedback],
     )
     if row.unschedulable_code:
         sub.unschedulable_reason.CopyFrom(

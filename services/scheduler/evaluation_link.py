@@ -8,6 +8,13 @@ deletes the rows only once the evaluator acknowledged them, so a crash of either
 at worst and never loses one. One replica at a time relays (a PostgreSQL advisory lock held for the
 round), which keeps the outbox order. The evaluator answers with verdicts (verdicts.py).
 
+A second relay tells the evaluator what it cannot see in results (ReportTaskUpdates): it follows this
+schema's task event log with its own cursor (``relay_cursor`` 'evaluation', like the activity relay),
+registers each task when its subtasks are planned (so its policy and time budget start at creation, and a
+person can open a MANUAL checkpoint before any result), and reports tasks that ended (so open checkpoints
+close as CANCELLED and time budgets stop), reopened, or got subtasks. The cursor moves only after the
+evaluator acknowledged the batch; every update is idempotent by ``scheduler-event-{id}``.
+
 SHELL and TEST results are not judged: their outcome alone decides, as before.
 """
 
@@ -25,6 +32,7 @@ from maw.common.v1 import machine_pb2
 from maw.evaluator.v1 import evaluation_intake_service_pb2 as ipb
 from maw.evaluator.v1 import evaluation_intake_service_pb2_grpc as ipb_grpc
 from maw.scheduler.v1 import resources_pb2 as spb
+from maw.scheduler.v1 import task_service_pb2 as tpb
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -36,6 +44,14 @@ from .settings import SchedulerSettings
 _log = logging.getLogger("maw.scheduler.evaluation")
 RELAY_LOCK = zlib.crc32(b"maw-scheduler-evaluation-relay")
 RELAY_BATCH = 500
+UPDATES_LOCK = zlib.crc32(b"maw-scheduler-task-update-relay")
+UPDATES_BATCH = 1000
+UPDATE_KINDS = (1, 3)  # task_state_changed, subtasks_added (engine._KINDS)
+_ENDED = {
+    spb.TASK_STATE_SUCCEEDED: ipb.TASK_UPDATE_KIND_SUCCEEDED,
+    spb.TASK_STATE_FAILED: ipb.TASK_UPDATE_KIND_FAILED,
+    spb.TASK_STATE_CANCELLED: ipb.TASK_UPDATE_KIND_CANCELLED,
+}
 
 JUDGED_TOOLS = frozenset(
     {
@@ -147,6 +163,47 @@ async def _submitted(conn: AsyncConnection, rows: Sequence[Any]) -> list[ipb.Sub
     return out
 
 
+def update_of(event_id: int, body: bytes) -> ipb.TaskUpdate | None:
+    """The TaskUpdate a task event means for the evaluator (None when it means nothing to it)."""
+    event = tpb.TaskEvent.FromString(body)
+    update = ipb.TaskUpdate(update_id=f"scheduler-event-{event_id}", task=event.task, time=event.time)
+    kind = event.WhichOneof("kind")
+    if kind == "task_state_changed":
+        change = event.task_state_changed
+        if change.task.state in _ENDED:
+            update.kind = _ENDED[change.task.state]
+        elif change.previous_state in _ENDED:
+            update.kind = ipb.TASK_UPDATE_KIND_REOPENED
+        else:
+            return None
+        update.task_subtasks_total = change.task.subtask_count
+    elif kind == "subtasks_added":
+        update.kind = ipb.TASK_UPDATE_KIND_SUBTASKS_ADDED
+        update.subtasks.extend(
+            ipb.RegisteredSubtask(name=s.name, key=s.key, type=s.type, display_name=s.display_name)
+            for s in event.subtasks_added.subtasks
+        )
+    else:
+        return None
+    return update
+
+
+async def _register(stub: ipb_grpc.EvaluationIntakeServiceAsyncStub, conn: AsyncConnection, task_id: str) -> None:
+    """RegisterTask (idempotent by task); a policy the evaluator refuses falls back to the default one."""
+    registration = await _registration(conn, task_id)
+    if registration is None:
+        return
+    try:
+        await stub.RegisterTask(registration, timeout=30)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+            raise
+        # A policy the evaluator refuses must not block the outbox: judge by the default one.
+        _log.error("the evaluator refused %s's policy (%s); using the default", task_id, exc.details())
+        registration.ClearField("policy")
+        await stub.RegisterTask(registration, timeout=30)
+
+
 class EvaluationLink:
     """The relay of judged results to the evaluator (one per replica; one relays at a time)."""
 
@@ -154,7 +211,7 @@ class EvaluationLink:
         self.settings = settings
         self.db = db
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def poke(self) -> None:
         """Results may be waiting in the outbox."""
@@ -162,13 +219,13 @@ class EvaluationLink:
 
     async def start(self) -> None:
         """Start relaying (it keeps retrying while the evaluator is away)."""
-        self._task = asyncio.create_task(self._relay())
+        self._tasks = [asyncio.create_task(self._relay()), asyncio.create_task(self._relay_updates())]
 
     async def stop(self) -> None:
-        """Stop relaying; what is left in the outbox goes out after restart."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Stop relaying; what is left in the outbox (or after the cursor) goes out after restart."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _relay(self) -> None:
         async with internal_channel(self.settings, self.settings.evaluator_addr) as channel:
@@ -184,6 +241,54 @@ class EvaluationLink:
                         await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                     self._wake.clear()
 
+    async def _relay_updates(self) -> None:
+        async with internal_channel(self.settings, self.settings.evaluator_addr) as channel:
+            stub: ipb_grpc.EvaluationIntakeServiceAsyncStub = ipb_grpc.EvaluationIntakeServiceStub(channel)
+            while True:
+                try:
+                    shipped = await self.relay_updates_once(stub)
+                except Exception as exc:  # evaluator or database away: the cursor did not move; retry
+                    _log.debug("task update relay failed: %s", exc)
+                    shipped = 0
+                if shipped < UPDATES_BATCH:
+                    await asyncio.sleep(0.5)
+
+    async def relay_updates_once(self, stub: ipb_grpc.EvaluationIntakeServiceAsyncStub) -> int:
+        """Register newly planned tasks and report task updates after the cursor; returns events consumed."""
+        async with self.db.begin() as conn:
+            if not (await conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": UPDATES_LOCK})).scalar():
+                return 0
+            cursor = (
+                await conn.execute(text("SELECT last_id FROM relay_cursor WHERE name = 'evaluation'"))
+            ).scalar_one_or_none() or 0
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT id, task_id, kind, body FROM task_events WHERE id > :c AND kind = ANY(:k)"
+                        " ORDER BY id LIMIT :n"
+                    ),
+                    {"c": cursor, "k": list(UPDATE_KINDS), "n": UPDATES_BATCH},
+                )
+            ).all()
+            if not rows:
+                return 0
+            for task_id in dict.fromkeys(r[1] for r in rows if r[2] == UPDATE_KINDS[1]):
+                await _register(stub, conn, task_id)
+            updates = [u for r in rows if (u := update_of(r[0], r[3])) is not None]
+            if updates:
+                reply = await stub.ReportTaskUpdates(ipb.ReportTaskUpdatesRequest(updates=updates), timeout=30)
+                for ack in reply.acks:
+                    if ack.disposition == ipb.INTAKE_DISPOSITION_REJECTED:
+                        _log.error("the evaluator rejected task update %s: %s", ack.update_id, ack.message)
+            await conn.execute(
+                text(
+                    "INSERT INTO relay_cursor (name, last_id) VALUES ('evaluation', :i)"
+                    " ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id"
+                ),
+                {"i": rows[-1][0]},
+            )
+            return len(rows)
+
     async def relay_once(self, stub: ipb_grpc.EvaluationIntakeServiceAsyncStub) -> int:
         """Ship one batch; returns how many outbox rows it removed."""
         async with self.db.begin() as conn:
@@ -198,18 +303,7 @@ class EvaluationLink:
             if not rows:
                 return 0
             for task_id in dict.fromkeys(r[1] for r in rows):
-                registration = await _registration(conn, task_id)
-                if registration is None:
-                    continue
-                try:
-                    await stub.RegisterTask(registration, timeout=30)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                        raise
-                    # A policy the evaluator refuses must not block the outbox: judge by the default one.
-                    _log.error("the evaluator refused %s's policy (%s); using the default", task_id, exc.details())
-                    registration.ClearField("policy")
-                    await stub.RegisterTask(registration, timeout=30)
+                await _register(stub, conn, task_id)
             results = await _submitted(conn, rows)
             if results:
                 reply = await stub.SubmitResults(ipb.SubmitResultsRequest(results=results), timeout=30)
@@ -222,4 +316,4 @@ class EvaluationLink:
             return len(rows)
 
 
-__all__ = ["JUDGED_TOOLS", "EvaluationLink", "enqueue_results", "is_judged"]
+__all__ = ["JUDGED_TOOLS", "EvaluationLink", "enqueue_results", "is_judged", "update_of"]

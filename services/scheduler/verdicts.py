@@ -10,7 +10,8 @@ engine's, so watchers and the activity log see them.
   CORRECTING while corrections run); the original's dependents are released as for any success.
 - Correct: a correction subtask (type CODE_FIX, ``corrects`` = the original) joins the DAG READY, carrying
   the feedback in its instructions with the previous diff; the judged subtask waits CORRECTING.
-- Pause: the subtask waits WAITING_CHECKPOINT and the task WAITING_CHECKPOINT (no new assignments).
+- Pause: the subtask waits WAITING_CHECKPOINT and the task WAITING_CHECKPOINT (no new assignments). A pause
+  without a subtask (MANUAL, TIME_BUDGET checkpoints) holds only the task; running work finishes.
 - Resume: the task runs again. Reject: the subtask FAILS. CancelTask: as TaskService.CancelTask.
 """
 
@@ -233,16 +234,20 @@ class _Applier:
         self.ready = True
 
     async def pause(self, task: store.TaskRow) -> None:
-        row = await self.subtask()
-        await self._judged(row)
         checkpoint = self.v.pause.checkpoint
-        self.move(row, S.WAITING_CHECKPOINT, self.v.pause.reason)
-        await self.conn.execute(
-            text(
-                "UPDATE subtasks SET state = :s, checkpoint = :c, update_time = now() WHERE task_id = :t AND key = :k"
-            ),
-            {"s": int(S.WAITING_CHECKPOINT), "c": checkpoint, "t": row.task_id, "k": row.key},
-        )
+        if self.v.subtask:
+            row = await self.subtask()
+            await self._judged(row)
+            self.move(row, S.WAITING_CHECKPOINT, self.v.pause.reason)
+            await self.conn.execute(
+                text(
+                    "UPDATE subtasks SET state = :s, checkpoint = :c, update_time = now()"
+                    " WHERE task_id = :t AND key = :k"
+                ),
+                {"s": int(S.WAITING_CHECKPOINT), "c": checkpoint, "t": row.task_id, "k": row.key},
+            )
+        elif task.state == T.PENDING:  # a whole-task pause before anything ran (MANUAL, TIME_BUDGET)
+            self.move_task(task, T.RUNNING, "paused before its first assignment")
         if task.state != T.WAITING_CHECKPOINT:
             self.move_task(task, T.WAITING_CHECKPOINT, self.v.pause.reason)
             await store.update_task(self.conn, task.id, state=int(T.WAITING_CHECKPOINT), checkpoint=checkpoint,
