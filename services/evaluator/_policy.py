@@ -15,9 +15,9 @@ from .scoring import DEFAULT_WEIGHTS
 
 DEFAULT_NAME = "policies/default"
 # FREQUENCY is off in the built-in default (a task that sets its own checkpoint_frequency turns it on, see
-# overlay): on by default it would stop every task four times for a person. docs/evaluation.md.
+# overlay): on by default it would stop every task four times for a person. ERROR is off too: a subtask failing
+# for good fails its task unless the task's policy asks for ERROR (then a person decides). docs/evaluation.md.
 _DEFAULT_TRIGGERS = [
-    epb.CHECKPOINT_TRIGGER_ERROR,
     epb.CHECKPOINT_TRIGGER_LOW_SCORE,
     epb.CHECKPOINT_TRIGGER_ESCALATION,
     epb.CHECKPOINT_TRIGGER_TIME_BUDGET,

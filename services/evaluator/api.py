@@ -29,7 +29,16 @@ from services.runtime.errors import MawError, failed_precondition, not_found, pe
 from services.runtime.principal import current_principal
 
 from . import _policy, store
-from .judge import Judge, effective_policy, new_verdict, now_ts, open_or_join_checkpoint, task_id_of, task_pause
+from .judge import (
+    Judge,
+    effective_policy,
+    failed,
+    new_verdict,
+    now_ts,
+    open_or_join_checkpoint,
+    task_id_of,
+    task_pause,
+)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -440,6 +449,9 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
                 verdict.correct.correction_cycle = await store.bump_corrections(
                     conn, task_id, root, [f.SerializeToString() for f in feedback]
                 )
+            elif await self._held_failure(conn, latest.result_id):
+                # APPROVE at an ERROR checkpoint accepts the failure: the subtask fails (and the task with it).
+                verdict.reject.reason = f"the failure was accepted at {cp.name}"
             else:
                 verdict.accept.SetInParent()
             out.append(verdict)
@@ -447,6 +459,12 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
         resume.resume.checkpoint = cp.name
         out.append(resume)
         return out
+
+    @staticmethod
+    async def _held_failure(conn: Any, result_id: str) -> bool:
+        """Whether the held result is a failure (ERROR trigger) rather than a scored success."""
+        body = await store.result_body(conn, result_id) if result_id else None
+        return body is not None and failed(ipb.SubmittedResult.FromString(body))
 
 
 def _not_built(rpc: str) -> MawError:

@@ -37,9 +37,9 @@ from services.runtime.internal import internal_channel
 
 from . import _policy, store
 from .diffs import parse_diff
-from .judgement import Decision, Trigger, Verdict, decide, with_frequency
+from .judgement import Decision, Rules, Trigger, Verdict, decide, with_frequency
 from .scorers import Dimension, Finding, Work, registered
-from .scoring import Scorecard, evaluate
+from .scoring import Grade, Scorecard, evaluate
 from .settings import EvaluatorSettings
 
 _log = logging.getLogger("maw.evaluator.judge")
@@ -227,6 +227,21 @@ def task_pause(cp: epb.Checkpoint) -> vpb.Verdict:
     return verdict
 
 
+def failure_decision(result: ipb.SubmittedResult, rules: Rules) -> Decision:
+    """A subtask that failed for good: held at an ERROR checkpoint when the trigger is on, else rejected."""
+    outcome = work_pb2.Outcome.Name(result.outcome).removeprefix("OUTCOME_")
+    detail = f": {result.error_message[:300]}" if result.error_message else ""
+    reason = f"{result.subtask_key or result.subtask} failed ({outcome}) after {result.attempt} attempts{detail}"
+    if Trigger.ERROR in rules.triggers:
+        return Decision(Verdict.ESCALATE, reason, Trigger.ERROR)
+    return Decision(Verdict.REJECT, reason)
+
+
+def failed(result: ipb.SubmittedResult) -> bool:
+    """Whether a submitted result is a failure (held for the ERROR trigger) rather than work to score."""
+    return result.outcome != work_pb2.OUTCOME_SUCCEEDED
+
+
 async def effective_policy(conn: AsyncConnection, task_id: str) -> epb.Policy:
     """The task's policy (the default one for a task never registered)."""
     stored = await store.get_policy(conn, f"tasks/{task_id}/policy")
@@ -291,9 +306,12 @@ class Judge:
             result = ipb.SubmittedResult.FromString(body)
             async with self.db.connect() as conn:
                 policy = await effective_policy(conn, task_id)
-            card = await asyncio.to_thread(
-                evaluate, work_of(result), registered(), _policy.weights_of(policy), list(policy.scorers)
-            )
+            if failed(result):
+                card = Scorecard([], None, Grade.UNSPECIFIED)  # a failure is not scored: the ERROR trigger decides
+            else:
+                card = await asyncio.to_thread(
+                    evaluate, work_of(result), registered(), _policy.weights_of(policy), list(policy.scorers)
+                )
             await self._commit_judgement(result, evaluation_id, card)
         return len(pending) >= self.settings.judge_batch
 
@@ -307,8 +325,10 @@ class Judge:
             rules = _policy.rules_of(policy)
             decision = decide(card.overall, result.correction_cycle, rules)
             decision = with_frequency(decision, rules, result.task_subtasks_succeeded, result.task_subtasks_total)
+            if failed(result):
+                decision = failure_decision(result, rules)
             state = epb.EVALUATION_STATE_COMPLETED
-            if card.broken and card.overall is None:
+            if card.broken and card.overall is None and not failed(result):
                 state = epb.EVALUATION_STATE_FAILED
                 decision = Decision(Verdict.ESCALATE, f"scorers failed: {', '.join(card.broken)}", Trigger.ESCALATION)
             evaluation = evaluation_message(evaluation_id, result, card, decision, policy, state)

@@ -40,7 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import allocation, store
-from .evaluation_link import enqueue_results, is_judged
+from .evaluation_link import enqueue_results, error_holds, is_judged, lost_attempt
 from .names import subtask_name, task_name, try_parse_subtask
 from .settings import SchedulerSettings
 from .states import LEASED, TERMINAL_SUBTASK, TERMINAL_TASK, SubtaskState, TaskState, task_outcome
@@ -584,6 +584,15 @@ class Engine:
         # Results: classify, then commit the accepted ones.
         result_keys = [k for _, r in inbox.results if (k := key_of(r.lease)) is not None]
         committed = await store.existing_results(conn, result_keys)
+        # ERROR trigger: tasks whose judged subtasks, failing for good now, wait at a checkpoint instead.
+        final_failures = set()
+        for _, r in inbox.results:
+            k = key_of(r.lease)
+            held_row = rows.get((k[0], k[1])) if k is not None else None
+            if (held_row is not None and r.outcome not in (_OUTCOME_SUCCEEDED, _OUTCOME_CANCELLED)
+                    and is_judged(held_row.tool) and held_row.failures + 1 >= held_row.max_attempts):  # fmt: skip
+                final_failures.add(held_row.task_id)
+        holding = await error_holds(conn, final_failures)
         new_rows: list[dict[str, Any]] = []
         seen_now: dict[LeaseKey, str] = {}
         for session, result in inbox.results:
@@ -691,6 +700,15 @@ class Engine:
                 reason = f"{work_pb2.Outcome.Name(result.outcome)}: {result.error_message[:200]}"
                 events.subtask_state(row.task_id, row.key, row.state, SubtaskState.READY, row.attempt, None, reason)
                 row.state = SubtaskState.READY
+            elif row.task_id in holding and is_judged(row.tool):
+                # Failed for good under the ERROR trigger: the evaluator holds it at a checkpoint.
+                changes.append({"task_id": row.task_id, "key": row.key, "state": int(SubtaskState.EVALUATING)})
+                reason = f"{work_pb2.Outcome.Name(result.outcome)} after {row.attempt} attempts; held for a person"
+                events.subtask_state(
+                    row.task_id, row.key, row.state, SubtaskState.EVALUATING, row.attempt, row.worker, reason
+                )
+                row.state = SubtaskState.EVALUATING
+                judged.append((row.task_id, row.key, row.attempt, result_id))
             else:
                 changes.append(
                     {
@@ -900,8 +918,31 @@ class Engine:
                         _cancels([lease_of(*k) for k in lost], apb.CANCEL_REASON_LEASE_LOST, "lease no longer valid")
                     )
             expired = await store.expired_leases(conn, grace_s=30.0)
+            seen = {(r.task_id, r.key) for r in expired}
+            # A row both expired and overdue is handled once, as expired (the next round fails it if due).
+            late = [(r, why) for r, why in await store.overdue(conn) if (r.task_id, r.key) not in seen]
             counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
             again, failed = [], []
+            # ERROR trigger: a judged attempt that ends for good without a result is held like a failed result.
+            holding = await error_holds(conn, {r.task_id for r in [*expired, *(o for o, _ in late)]
+                                               if r.state in LEASED and is_judged(r.tool)})  # fmt: skip
+            on_hold: list[dict[str, Any]] = []
+            lost_results: list[dict[str, Any]] = []
+            judged: list[tuple[str, str, int, str]] = []
+
+            def hold(row: store.SubtaskRow, outcome: int, reason: str) -> bool:
+                if row.task_id not in holding or row.state not in LEASED or not is_judged(row.tool):
+                    return False
+                if any(h["task_id"] == row.task_id and h["key"] == row.key for h in on_hold):
+                    return True  # both expired and overdue: held once
+                result, item = lost_attempt(row.task_id, row.key, row.attempt, row.worker, outcome, reason)
+                lost_results.append(result)
+                judged.append(item)
+                on_hold.append({"task_id": row.task_id, "key": row.key, "state": int(SubtaskState.EVALUATING)})
+                events.subtask_state(row.task_id, row.key, row.state, SubtaskState.EVALUATING, row.attempt, None,
+                                     f"{reason}; held for a person")  # fmt: skip
+                return True
+
             for row in expired:
                 counters[row.task_id]["running"] -= 1
                 if row.failures + 1 < row.max_attempts:
@@ -909,6 +950,10 @@ class Engine:
                     events.subtask_state(
                         row.task_id, row.key, row.state, SubtaskState.READY, row.attempt, None, "lease expired"
                     )
+                elif hold(
+                    row, work_pb2.OUTCOME_LEASE_EXPIRED, f"lease expired on the last of {row.max_attempts} attempts"
+                ):
+                    pass
                 else:
                     failed.append({"task_id": row.task_id, "key": row.key, "state": int(SubtaskState.FAILED),
                                    "end_time": now_utc(), "worker": None})  # fmt: skip
@@ -925,18 +970,23 @@ class Engine:
                             [lease_of(row.task_id, row.key, row.attempt)], apb.CANCEL_REASON_LEASE_LOST, "lease expired"
                         )
                     )
-            for row, broken in await store.overdue(conn):
+            for row, broken in late:
                 limit = "queue-wait" if broken == "queue_wait" else "total"
                 reason = f"{limit} time limit reached"
                 if row.state in LEASED:
                     counters[row.task_id]["running"] -= 1
                     self._cancel_leases(cancels, [row], apb.CANCEL_REASON_TIME_LIMIT, reason)
+                if hold(row, work_pb2.OUTCOME_TIMED_OUT, reason):
+                    continue
                 failed.append({"task_id": row.task_id, "key": row.key, "state": int(SubtaskState.FAILED),
                                "end_time": now_utc(), "worker": None})  # fmt: skip
                 counters[row.task_id]["failed"] += 1
                 events.subtask_state(row.task_id, row.key, row.state, SubtaskState.FAILED, row.attempt, None, reason)
             await store.requeue(conn, again, True, self.settings.retry_backoff_base_s)
             await store.set_subtask_states(conn, failed)
+            await store.set_subtask_states(conn, on_hold)
+            await store.insert_results(conn, lost_results)
+            await enqueue_results(conn, judged)
             tasks = await store.bump_task_counters(conn, {t: dict(c) for t, c in counters.items()})
             await self._settle_tasks(conn, tasks, events, cancels)
             touched = await events.flush(conn)

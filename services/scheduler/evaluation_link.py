@@ -16,6 +16,12 @@ close as CANCELLED and time budgets stop), reopened, or got subtasks. The cursor
 evaluator acknowledged the batch; every update is idempotent by ``scheduler-event-{id}``.
 
 SHELL and TEST results are not judged: their outcome alone decides, as before.
+
+The ERROR trigger: a judged subtask that fails for good (its last attempt failed) of a task whose effective
+policy has CHECKPOINT_TRIGGER_ERROR is not failed by the engine; it goes to EVALUATING with its failed result
+in the outbox like a success (:func:`error_holds` decides), and the evaluator holds it at an ERROR
+checkpoint. The effective policy is the copy RegisterTask answered (``task_policies``, stored by the relay);
+before the task is registered, the triggers the task itself asked for decide.
 """
 
 from __future__ import annotations
@@ -23,14 +29,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import grpc
 from maw.common.v1 import machine_pb2
 from maw.evaluator.v1 import evaluation_intake_service_pb2 as ipb
 from maw.evaluator.v1 import evaluation_intake_service_pb2_grpc as ipb_grpc
+from maw.evaluator.v1 import resources_pb2 as epb
 from maw.scheduler.v1 import resources_pb2 as spb
 from maw.scheduler.v1 import task_service_pb2 as tpb
 from sqlalchemy import text
@@ -66,6 +74,40 @@ JUDGED_TOOLS = frozenset(
 def is_judged(tool: int) -> bool:
     """Whether a result of ``tool`` goes through evaluation (AI tools) or is judged by its outcome."""
     return tool in JUDGED_TOOLS
+
+
+async def error_holds(conn: AsyncConnection, task_ids: Collection[str]) -> set[str]:
+    """The tasks among ``task_ids`` whose effective policy has the ERROR trigger (their failures wait)."""
+    if not task_ids:
+        return set()
+    rows = await conn.execute(
+        text(
+            "SELECT t.id, t.body, p.body FROM tasks t LEFT JOIN task_policies p ON p.task_id = t.id"
+            " WHERE t.id = ANY(:i)"
+        ),
+        {"i": sorted(task_ids)},
+    )
+    held = set()
+    for task_id, body, policy in rows:
+        triggers = epb.Policy.FromString(policy).triggers if policy else spb.Task.FromString(body).policy.triggers
+        if epb.CHECKPOINT_TRIGGER_ERROR in triggers:
+            held.add(str(task_id))
+    return held
+
+
+def lost_attempt(
+    task_id: str, key: str, attempt: int, worker: str | None, outcome: int, reason: str
+) -> tuple[dict[str, Any], tuple[str, str, int, str]]:
+    """A result row for an attempt that ended without one (lease expired, time limit), to hold under ERROR.
+
+    Returns the ``results`` row (store.insert_results) and the outbox item (:func:`enqueue_results`).
+    """
+    result_id = uuid.uuid4().hex
+    body = spb.SubtaskResult(result_id=result_id, attempt=attempt, outcome=outcome, error_message=reason)  # type: ignore[arg-type]
+    body.commit_time.GetCurrentTime()
+    row = {"task_id": task_id, "key": key, "attempt": attempt, "result_id": result_id, "worker": worker or "",
+           "outcome": outcome, "duration_ms": 0, "body": body.SerializeToString()}  # fmt: skip
+    return row, (task_id, key, attempt, result_id)
 
 
 async def enqueue_results(conn: AsyncConnection, items: Sequence[tuple[str, str, int, str]]) -> None:
@@ -194,14 +236,22 @@ async def _register(stub: ipb_grpc.EvaluationIntakeServiceAsyncStub, conn: Async
     if registration is None:
         return
     try:
-        await stub.RegisterTask(registration, timeout=30)
+        reply = await stub.RegisterTask(registration, timeout=30)
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
             raise
         # A policy the evaluator refuses must not block the outbox: judge by the default one.
         _log.error("the evaluator refused %s's policy (%s); using the default", task_id, exc.details())
         registration.ClearField("policy")
-        await stub.RegisterTask(registration, timeout=30)
+        reply = await stub.RegisterTask(registration, timeout=30)
+    # Its own table: the relay's transaction spans RPCs and must not hold the task row's lock meanwhile.
+    await conn.execute(
+        text(
+            "INSERT INTO task_policies (task_id, body) VALUES (:i, :p)"
+            " ON CONFLICT (task_id) DO UPDATE SET body = excluded.body"
+        ),
+        {"p": reply.policy.SerializeToString(), "i": task_id},
+    )
 
 
 class EvaluationLink:
@@ -316,4 +366,4 @@ class EvaluationLink:
             return len(rows)
 
 
-__all__ = ["JUDGED_TOOLS", "EvaluationLink", "enqueue_results", "is_judged", "update_of"]
+__all__ = ["JUDGED_TOOLS", "EvaluationLink", "enqueue_results", "error_holds", "is_judged", "lost_attempt", "update_of"]

@@ -40,7 +40,7 @@ async def agents() -> AsyncIterator[list[ScriptedAgent]]:
 
 async def start_agent(
     stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, started: list[ScriptedAgent],
-    label: str, behaviour: Callable[[apb.Assignment], apb.Result] = lambda a: diff_result(a, GOOD),
+    label: str, behaviour: Callable[[apb.Assignment], apb.Result | None] = lambda a: diff_result(a, GOOD),
 ) -> ScriptedAgent:  # fmt: skip
     """An agent that only this test's tasks can reach (they require its label)."""
     labels = {"suite": label}
