@@ -147,21 +147,28 @@ async def get_evaluation(conn: AsyncConnection, evaluation_id: str) -> bytes | N
     return bytes(row[0]) if row else None
 
 
-async def list_evaluations(
-    conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
+async def _page(
+    conn: AsyncConnection, table: str, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
 ) -> list[tuple[bytes, datetime, str]]:
-    """A page of evaluations, oldest first; ``where`` maps a column (task_id, subtask, root) to its value."""
+    """A keyset page of ``table`` (code-chosen name and columns), oldest first, values always bound."""
     clauses = [f"{column} = :{column}" for column in where]
     params = dict(where)
     if after is not None:
         clauses.append("(create_time, id) > (:at, :aid)")
         params.update(at=after[0], aid=after[1])
-    sql = "SELECT body, create_time, id FROM evaluations"
+    sql = f"SELECT body, create_time, id FROM {table}"
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY create_time, id LIMIT :limit"
     rows = await conn.execute(text(sql), {**params, "limit": limit})
     return [(bytes(r[0]), r[1], r[2]) for r in rows]
+
+
+async def list_evaluations(
+    conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
+) -> list[tuple[bytes, datetime, str]]:
+    """A page of evaluations, oldest first; ``where`` maps a column (task_id, subtask, root) to its value."""
+    return await _page(conn, "evaluations", where, after, limit)
 
 
 async def bump_corrections(conn: AsyncConnection, task_id: str, root: str, feedback: Sequence[bytes]) -> int:
@@ -231,17 +238,7 @@ async def list_checkpoints(
     conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
 ) -> list[tuple[bytes, datetime, str]]:
     """A page of checkpoints, oldest first; ``where`` maps a column (state, task_id) to its value."""
-    clauses = [f"{column} = :{column}" for column in where]
-    params = dict(where)
-    if after is not None:
-        clauses.append("(create_time, id) > (:at, :aid)")
-        params.update(at=after[0], aid=after[1])
-    sql = "SELECT body, create_time, id FROM checkpoints"
-    if clauses:
-        sql += " WHERE " + " AND ".join(clauses)
-    sql += " ORDER BY create_time, id LIMIT :limit"
-    rows = await conn.execute(text(sql), {**params, "limit": limit})
-    return [(bytes(r[0]), r[1], r[2]) for r in rows]
+    return await _page(conn, "checkpoints", where, after, limit)
 
 
 # -- outbox and request ids -------------------------------------------------------------------------------------

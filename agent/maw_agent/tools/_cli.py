@@ -200,3 +200,13 @@ def obj(value: Any) -> dict[str, Any]:
 def string(value: Any) -> str:
     """`value` when it is a JSON string, else ""."""
     return value if isinstance(value, str) else ""
+
+
+def option_problem(tool: str, options: Mapping[str, Any], known: Mapping[str, type | tuple[type, ...]]) -> str | None:
+    """The first unknown or mistyped key of an assignment's tool options, in words (None when all fit)."""
+    for key, value in options.items():
+        if key not in known:
+            return f"unknown {tool} tool option {key!r}; known: {', '.join(sorted(known))}"
+        if not isinstance(value, known[key]):
+            return f"{tool} tool option {key!r} has the wrong type {type(value).__name__}"
+    return None

@@ -21,7 +21,7 @@ from typing import Any
 
 from maw.common.v1 import machine_pb2, work_pb2
 
-from maw_agent.tools._cli import CliSettings, JsonLines, cli_version, full_prompt, number, obj, text_cap
+from maw_agent.tools._cli import CliSettings, JsonLines, cli_version, full_prompt, number, obj, option_problem, text_cap
 from maw_agent.tools.base import ToolAdapter, ToolInfo, ToolResult, ToolRun
 
 _SANDBOXES = ("read-only", "workspace-write", "danger-full-access")
@@ -51,11 +51,8 @@ class CodexCliTool(ToolAdapter):
         return ToolInfo(version=found.version, models=models, local_only=False, provider="openai")
 
     def check(self, options: Mapping[str, Any]) -> str | None:
-        for key, value in options.items():
-            if key not in _OPTIONS:
-                return f"unknown codex tool option {key!r}; known: {', '.join(sorted(_OPTIONS))}"
-            if not isinstance(value, _OPTIONS[key]):
-                return f"codex tool option {key!r} has the wrong type {type(value).__name__}"
+        if problem := option_problem("codex", options, _OPTIONS):
+            return problem
         if options.get("sandbox", "workspace-write") not in _SANDBOXES:
             return f"codex tool option 'sandbox' must be one of {', '.join(_SANDBOXES)}"
         return None

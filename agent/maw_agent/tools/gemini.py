@@ -20,7 +20,7 @@ from typing import Any
 
 from maw.common.v1 import machine_pb2, work_pb2
 
-from maw_agent.tools._cli import CliSettings, cli_version, full_prompt, number, obj, string, text_cap
+from maw_agent.tools._cli import CliSettings, cli_version, full_prompt, number, obj, option_problem, string, text_cap
 from maw_agent.tools.base import ToolAdapter, ToolInfo, ToolResult, ToolRun
 
 _APPROVAL_MODES = ("default", "auto_edit", "yolo")
@@ -56,11 +56,8 @@ class GeminiCliTool(ToolAdapter):
         return ToolInfo(version=found.version, models=models, local_only=False, provider="google")
 
     def check(self, options: Mapping[str, Any]) -> str | None:
-        for key, value in options.items():
-            if key not in _OPTIONS:
-                return f"unknown gemini tool option {key!r}; known: {', '.join(sorted(_OPTIONS))}"
-            if not isinstance(value, _OPTIONS[key]):
-                return f"gemini tool option {key!r} has the wrong type {type(value).__name__}"
+        if problem := option_problem("gemini", options, _OPTIONS):
+            return problem
         if options.get("approval_mode", "auto_edit") not in _APPROVAL_MODES:
             return f"gemini tool option 'approval_mode' must be one of {', '.join(_APPROVAL_MODES)}"
         return None

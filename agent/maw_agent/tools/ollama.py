@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from maw.common.v1 import machine_pb2, work_pb2
 
-from maw_agent.tools._cli import JsonLines, full_prompt, number, text_cap
+from maw_agent.tools._cli import JsonLines, full_prompt, number, option_problem, text_cap
 from maw_agent.tools._http import HttpError, request
 from maw_agent.tools.base import ToolAdapter, ToolInfo, ToolResult, ToolRun
 
@@ -106,11 +106,8 @@ class OllamaTool(ToolAdapter):
         return data
 
     def check(self, options: Mapping[str, Any]) -> str | None:
-        for key, value in options.items():
-            if key not in _OPTIONS:
-                return f"unknown ollama tool option {key!r}; known: {', '.join(sorted(_OPTIONS))}"
-            if not isinstance(value, _OPTIONS[key]):
-                return f"ollama tool option {key!r} has the wrong type {type(value).__name__}"
+        if problem := option_problem("ollama", options, _OPTIONS):
+            return problem
         if options.get("api", "generate") not in ("generate", "chat"):
             return "ollama tool option 'api' must be 'generate' or 'chat'"
         return None
