@@ -210,3 +210,12 @@ def option_problem(tool: str, options: Mapping[str, Any], known: Mapping[str, ty
         if not isinstance(value, known[key]):
             return f"{tool} tool option {key!r} has the wrong type {type(value).__name__}"
     return None
+
+
+async def detect_cli(settings: CliSettings, provider: str) -> ToolInfo | None:
+    """What a cloud command-line tool reports about itself, or None when its command is not here."""
+    found = await cli_version(settings.command)
+    if found is None:
+        return None
+    models = [settings.model] if settings.model else []
+    return ToolInfo(version=found.version, models=models, local_only=False, provider=provider)

@@ -21,7 +21,16 @@ from typing import Any
 
 from maw.common.v1 import machine_pb2, work_pb2
 
-from maw_agent.tools._cli import CliSettings, JsonLines, cli_version, full_prompt, number, obj, option_problem, text_cap
+from maw_agent.tools._cli import (
+    CliSettings,
+    JsonLines,
+    detect_cli,
+    full_prompt,
+    number,
+    obj,
+    option_problem,
+    text_cap,
+)
 from maw_agent.tools.base import ToolAdapter, ToolInfo, ToolResult, ToolRun
 
 _SANDBOXES = ("read-only", "workspace-write", "danger-full-access")
@@ -44,11 +53,7 @@ class CodexCliTool(ToolAdapter):
         self.settings = parsed
 
     async def detect(self) -> ToolInfo | None:
-        found = await cli_version(self.settings.command)
-        if found is None:
-            return None
-        models = [self.settings.model] if self.settings.model else []
-        return ToolInfo(version=found.version, models=models, local_only=False, provider="openai")
+        return await detect_cli(self.settings, "openai")
 
     def check(self, options: Mapping[str, Any]) -> str | None:
         if problem := option_problem("codex", options, _OPTIONS):

@@ -20,7 +20,16 @@ from typing import Any
 
 from maw.common.v1 import machine_pb2, work_pb2
 
-from maw_agent.tools._cli import CliSettings, cli_version, full_prompt, number, obj, option_problem, string, text_cap
+from maw_agent.tools._cli import (
+    CliSettings,
+    detect_cli,
+    full_prompt,
+    number,
+    obj,
+    option_problem,
+    string,
+    text_cap,
+)
 from maw_agent.tools.base import ToolAdapter, ToolInfo, ToolResult, ToolRun
 
 _APPROVAL_MODES = ("default", "auto_edit", "yolo")
@@ -49,11 +58,7 @@ class GeminiCliTool(ToolAdapter):
         self.settings = parsed
 
     async def detect(self) -> ToolInfo | None:
-        found = await cli_version(self.settings.command)
-        if found is None:
-            return None
-        models = [self.settings.model] if self.settings.model else []
-        return ToolInfo(version=found.version, models=models, local_only=False, provider="google")
+        return await detect_cli(self.settings, "google")
 
     def check(self, options: Mapping[str, Any]) -> str | None:
         if problem := option_problem("gemini", options, _OPTIONS):
