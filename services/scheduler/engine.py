@@ -358,7 +358,7 @@ class Engine:
         resumed: list[apb.LeaseGrant] = []
         released: list[apb.Lease] = []
         async with self.db.begin() as conn:
-            mine = await store.leases_of(conn, session.worker)
+            mine = (await store.leases_of(conn, [session.worker]))[session.worker]
             wanted = {}
             for h in held:
                 pair = try_parse_subtask(h.lease.subtask)
@@ -904,10 +904,10 @@ class Engine:
         cancels: list[dict[str, Any]] = []
         async with self.db.begin() as conn:
             await store.renew_leases(conn, [s.worker for s in live], self.settings.lease_ttl_s)
-            for session in live:
-                if not session.outstanding:
-                    continue
-                held = await store.leases_of(conn, session.worker)
+            checked = [s for s in live if s.outstanding]
+            holdings = await store.leases_of(conn, [s.worker for s in checked]) if checked else {}
+            for session in checked:
+                held = holdings[session.worker]
                 lost = [
                     k for k in session.outstanding if (k[0], k[1]) not in held or held[(k[0], k[1])].attempt != k[2]
                 ]

@@ -409,13 +409,16 @@ async def overdue(conn: AsyncConnection, limit: int = 500) -> list[tuple[Subtask
     return [(SubtaskRow(*r[:-1]), r[-1]) for r in rows]
 
 
-async def leases_of(conn: AsyncConnection, worker: str) -> dict[tuple[str, str], SubtaskRow]:
-    """The subtasks a worker holds now."""
+async def leases_of(conn: AsyncConnection, workers: Sequence[str]) -> dict[str, dict[tuple[str, str], SubtaskRow]]:
+    """The subtasks each of ``workers`` holds now (one query for all of them)."""
     rows = await conn.execute(
-        text(f"SELECT {_SUBTASK_COLS} FROM subtasks WHERE worker = :w AND state = ANY(:leased)"),
-        {"w": worker, "leased": _LEASED},
+        text(f"SELECT {_SUBTASK_COLS} FROM subtasks WHERE worker = ANY(:w) AND state = ANY(:leased)"),
+        {"w": list(workers), "leased": _LEASED},
     )
-    return {(s.task_id, s.key): s for s in _subtasks(rows.all())}
+    held: dict[str, dict[tuple[str, str], SubtaskRow]] = {w: {} for w in workers}
+    for s in _subtasks(rows.all()):
+        held[s.worker or ""][(s.task_id, s.key)] = s
+    return held
 
 
 async def set_unschedulable(conn: AsyncConnection, marks: Sequence[tuple[str, str, int, str]]) -> None:
