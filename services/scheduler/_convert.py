@@ -135,6 +135,8 @@ def subtask_message(row: store.SubtaskRow, result: bytes | None = None) -> spb.S
         grade=row.grade,  # type: ignore[arg-type]
         correction_cycle=row.correction_cycle,
         corrects=subtask_name(row.task_id, row.corrects) if row.corrects else "",
+        review_of=subtask_name(row.task_id, row.review_of) if row.review_of else "",
+        solution_of=subtask_name(row.task_id, row.solution_of) if row.solution_of else "",
         checkpoint=row.checkpoint,
         feedback=[work_pb2.Feedback.FromString(bytes(b)) for b in row.feedback],
     )

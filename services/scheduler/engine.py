@@ -246,7 +246,7 @@ def _task_state(value: int) -> spb.TaskState.ValueType:
 
 def progress_of(row: store.TaskRow) -> int:
     """Percentage of the task's subtasks that have finished."""
-    done = row.succeeded_count + row.failed_count + row.cancelled_count
+    done = row.succeeded_count + row.failed_count + row.cancelled_count + row.excused_count
     return 100 * done // row.subtask_count if row.subtask_count else 0
 
 
@@ -751,7 +751,9 @@ class Engine:
         for row in tasks.values():
             if row.state in TERMINAL_TASK:
                 continue
-            outcome = task_outcome(row.subtask_count, row.succeeded_count, row.failed_count, row.cancelled_count)
+            outcome = task_outcome(
+                row.subtask_count, row.succeeded_count, row.failed_count, row.cancelled_count, row.excused_count
+            )
             if outcome is None:
                 continue
             reason = "all subtasks succeeded" if outcome == TaskState.SUCCEEDED else "a subtask failed"

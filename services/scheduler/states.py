@@ -94,12 +94,15 @@ def check_subtask(old: SubtaskState, new: SubtaskState) -> None:
         raise TransitionError(f"subtask cannot go from {old.name} to {new.name}")
 
 
-def task_outcome(total: int, succeeded: int, failed: int, cancelled: int) -> TaskState | None:
+def task_outcome(total: int, succeeded: int, failed: int, cancelled: int, excused: int = 0) -> TaskState | None:
     """The terminal state a task reaches from its subtasks' counts, or None while work remains.
 
     Any subtask failed for good → FAILED (once nothing else runs is not required: a failed step
-    blocks its dependents and the task cannot succeed); all succeeded → SUCCEEDED.
+    blocks its dependents and the task cannot succeed); all succeeded → SUCCEEDED. ``excused``
+    subtasks ended without deciding the outcome (a REVIEW subtask that failed or whose verdict was
+    malformed, a voting solution that was not selected): they are left out of ``total``.
     """
+    total -= excused
     if failed:
         return T.FAILED
     if succeeded == total:

@@ -44,6 +44,7 @@ class TaskRow:
     start_time: datetime | None
     end_time: datetime | None
     update_time: datetime
+    excused_count: int = 0  # subtasks that do not decide the outcome (failed reviews, solutions not selected)
 
 
 @dataclass
@@ -89,6 +90,8 @@ class SubtaskRow:
     evaluation_score: float = 0.0
     grade: int = 0
     checkpoint: str = ""
+    review_of: str = ""  # a REVIEW subtask: the key of the subtask it reviews
+    solution_of: str = ""  # a voting solution: the key of the logical subtask it competes for
 
 
 _TASK_COLS = ", ".join(TaskRow.__dataclass_fields__)
@@ -543,7 +546,7 @@ async def record_tool_stats(conn: AsyncConnection, rows: Sequence[tuple[str, int
 
 
 async def bump_task_counters(conn: AsyncConnection, deltas: dict[str, dict[str, int]]) -> dict[str, TaskRow]:
-    """Add to tasks' counters (running/succeeded/failed/cancelled); returns the updated rows."""
+    """Add to tasks' counters (running/succeeded/failed/cancelled/excused); returns the updated rows."""
     if not deltas:
         return {}
     ids = sorted(deltas)
@@ -551,11 +554,11 @@ async def bump_task_counters(conn: AsyncConnection, deltas: dict[str, dict[str, 
         text(
             "UPDATE tasks t SET running_count = greatest(0, t.running_count + v.r),"
             " succeeded_count = t.succeeded_count + v.s, failed_count = t.failed_count + v.f,"
-            " cancelled_count = t.cancelled_count + v.c, update_time = now(),"
+            " cancelled_count = t.cancelled_count + v.c, excused_count = t.excused_count + v.x, update_time = now(),"
             " state = CASE WHEN t.state = 1 AND v.r > 0 THEN 2 ELSE t.state END,"
             " start_time = CASE WHEN t.start_time IS NULL AND v.r > 0 THEN now() ELSE t.start_time END"
             " FROM unnest(CAST(:ids AS text[]), CAST(:r AS int[]), CAST(:s AS int[]), CAST(:f AS int[]),"
-            " CAST(:c AS int[])) AS v(id, r, s, f, c) WHERE t.id = v.id"
+            " CAST(:c AS int[]), CAST(:x AS int[])) AS v(id, r, s, f, c, x) WHERE t.id = v.id"
             f" RETURNING {_prefixed('t', TaskRow)}"
         ),
         {
@@ -564,6 +567,7 @@ async def bump_task_counters(conn: AsyncConnection, deltas: dict[str, dict[str, 
             "s": [deltas[i].get("succeeded", 0) for i in ids],
             "f": [deltas[i].get("failed", 0) for i in ids],
             "c": [deltas[i].get("cancelled", 0) for i in ids],
+            "x": [deltas[i].get("excused", 0) for i in ids],
         },
     )
     return {t.id: t for t in _tasks(rows.all())}
