@@ -14,9 +14,13 @@ from .scorers import Dimension, registered
 from .scoring import DEFAULT_WEIGHTS
 
 DEFAULT_NAME = "policies/default"
+_NOT_REVIEWED = {work_pb2.SUBTASK_TYPE_UNSPECIFIED, work_pb2.SUBTASK_TYPE_REVIEW}
+_SUBTASK_TYPES = frozenset(work_pb2.SubtaskType.values()) - _NOT_REVIEWED
 # FREQUENCY is off in the built-in default (a task that sets its own checkpoint_frequency turns it on, see
 # overlay): on by default it would stop every task four times for a person. ERROR is off too: a subtask failing
 # for good fails its task unless the task's policy asks for ERROR (then a person decides). docs/evaluation.md.
+# Peer review is off too (reviewers=0): it doubles AI spend and needs a second worker or tool; a task asks for
+# it with policy.peer_review.reviewers, an admin may turn it on for everyone with UpdatePolicy(policies/default).
 _DEFAULT_TRIGGERS = [
     epb.CHECKPOINT_TRIGGER_LOW_SCORE,
     epb.CHECKPOINT_TRIGGER_ESCALATION,
@@ -38,7 +42,7 @@ def default_policy() -> epb.Policy:
         checkpoint_frequency=work_pb2.CHECKPOINT_FREQUENCY_MEDIUM,
         triggers=_DEFAULT_TRIGGERS,
         time_budget=budget,
-        peer_review=epb.PeerReviewPolicy(reviewers=1),
+        peer_review=epb.PeerReviewPolicy(reviewers=0),  # off: see the comment above
         voting=epb.VotingPolicy(),
     )
 
@@ -93,7 +97,12 @@ def problems(policy: epb.Policy, prefix: str = "policy") -> list[tuple[str, str]
             found.append((f"{prefix}.triggers[{i}]", "must be a checkpoint trigger"))
     if policy.time_budget.seconds < 0 or policy.time_budget.nanos < 0:
         found.append((f"{prefix}.time_budget", "must not be negative"))
-    known = registered()
+    if not 0 <= policy.peer_review.reviewers <= 5:
+        found.append((f"{prefix}.peer_review.reviewers", "must be between 0 and 5"))
+    for i, kind in enumerate(policy.peer_review.subtask_types):
+        if kind not in _SUBTASK_TYPES:
+            found.append((f"{prefix}.peer_review.subtask_types[{i}]", "must be a subtask type other than REVIEW"))
+    known = {*registered(), "peer-review"}
     for i, name in enumerate(policy.scorers):
         if name not in known:
             found.append((f"{prefix}.scorers[{i}]", f"unknown scorer (known: {', '.join(sorted(known))})"))

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
+from maw.common.v1 import work_pb2
 from maw.evaluator.v1 import checkpoint_service_pb2 as cpb
 from maw.evaluator.v1 import checkpoint_service_pb2_grpc as cpb_grpc
 from maw.evaluator.v1 import evaluation_intake_service_pb2 as ipb
@@ -28,7 +29,7 @@ from services.runtime import invalid_argument
 from services.runtime.errors import MawError, failed_precondition, not_found, permission_denied
 from services.runtime.principal import current_principal
 
-from . import _policy, store
+from . import _policy, peer_review, review_store, rollback, store, voting
 from .judge import (
     Judge,
     effective_policy,
@@ -123,9 +124,40 @@ class EvaluationIntakeService(ipb_grpc.EvaluationIntakeServiceServicer):
                     given = request.HasField("create_time")
                     start = request.create_time.ToDatetime(UTC) if given else datetime.now(UTC)
                     await store.set_budget(conn, task_id, start + budget)
+                if epb.CHECKPOINT_TRIGGER_AFTER_DECOMPOSITION in policy.triggers:
+                    await self._confirm_plan(conn, request)
                 return ipb.RegisterTaskResponse(policy=policy)
         async with self.db.connect() as conn:
             return ipb.RegisterTaskResponse(policy=await effective_policy(conn, task_id))
+
+    async def _confirm_plan(self, conn: Any, request: ipb.RegisterTaskRequest) -> None:
+        """AFTER_DECOMPOSITION: the task waits at a checkpoint until a person confirms its plan."""
+        plan = ", ".join(f"{s.key} ({work_pb2.SubtaskType.Name(s.type).removeprefix('SUBTASK_TYPE_').lower()})"
+                         for s in request.subtasks)  # fmt: skip
+        reason = f"confirm the plan before work starts: {len(request.subtasks)} subtasks: {plan}"[:2000]
+        cp, opened = await open_or_join_checkpoint(
+            conn, request.task, "", epb.CHECKPOINT_TRIGGER_AFTER_DECOMPOSITION, reason, 0
+        )
+        if opened:
+            await store.enqueue(conn, store.VERDICTS, [(task_id_of(request.task), task_pause(cp).SerializeToString())])
+            self.judge.poke(store.VERDICTS)
+
+    async def _final_acceptance(self, conn: Any, task_id: str) -> None:
+        """Every subtask is done and the scheduler holds the task: open BEFORE_FINAL_ACCEPT, or let it succeed."""
+        task = f"tasks/{task_id}"
+        policy = await effective_policy(conn, task_id)
+        if epb.CHECKPOINT_TRIGGER_BEFORE_FINAL_ACCEPT not in policy.triggers:  # turned off since: no person is asked
+            resume = new_verdict(task, "", 0, "", "")
+            resume.resume.checkpoint = ""
+            await store.enqueue(conn, store.VERDICTS, [(task_id, resume.SerializeToString())])
+        else:
+            reason = "every subtask is done; confirm before the task succeeds"
+            cp, opened = await open_or_join_checkpoint(
+                conn, task, "", epb.CHECKPOINT_TRIGGER_BEFORE_FINAL_ACCEPT, reason, 100
+            )
+            if opened:
+                await store.enqueue(conn, store.VERDICTS, [(task_id, task_pause(cp).SerializeToString())])
+        self.judge.poke(store.VERDICTS)
 
     async def SubmitResults(self, request: ipb.SubmitResultsRequest, context: Ctx) -> ipb.SubmitResultsResponse:
         if len(request.results) > 500:
@@ -150,11 +182,12 @@ class EvaluationIntakeService(ipb_grpc.EvaluationIntakeServiceServicer):
                     conn, result.result_id, task_id_of(result.task), result.subtask, evaluation_id,
                     result.SerializeToString(),
                 )  # fmt: skip
+                kind = "reviews/" if peer_review.is_review(result) else "evaluations/"  # a REVIEW becomes a review
                 if got is None:
                     ack.disposition = ipb.INTAKE_DISPOSITION_DUPLICATE
-                    ack.evaluation = f"evaluations/{await store.evaluation_of_result(conn, result.result_id)}"
+                    ack.evaluation = f"{kind}{await store.evaluation_of_result(conn, result.result_id)}"
                 else:
-                    ack.disposition, ack.evaluation = ipb.INTAKE_DISPOSITION_ACCEPTED, f"evaluations/{got}"
+                    ack.disposition, ack.evaluation = ipb.INTAKE_DISPOSITION_ACCEPTED, f"{kind}{got}"
                 acks.append(ack)
         self.judge.poke()
         return ipb.SubmitResultsResponse(acks=acks)
@@ -181,6 +214,10 @@ class EvaluationIntakeService(ipb_grpc.EvaluationIntakeServiceServicer):
                         await store.update_checkpoint(conn, found[0], cp.state, cp.SerializeToString())
                 elif update.kind == ipb.TASK_UPDATE_KIND_REOPENED:
                     await store.finish_task(conn, match.group(1), False)
+                elif update.kind == ipb.TASK_UPDATE_KIND_AWAITING_ACCEPTANCE and await store.get_task(
+                    conn, match.group(1), lock=True
+                ):
+                    await self._final_acceptance(conn, match.group(1))
                 acks.append(ipb.TaskUpdateAck(update_id=update.update_id, disposition=ipb.INTAKE_DISPOSITION_ACCEPTED))
         return ipb.ReportTaskUpdatesResponse(acks=acks)
 
@@ -232,18 +269,25 @@ _DECIDED = {
 
 
 class CheckpointService(cpb_grpc.CheckpointServiceServicer):
-    """The inbox of human decisions. Create, PreviewRollback and RollbackToCheckpoint are not built yet."""
+    """The inbox of human decisions, and rollback to a checkpoint (rollback.py)."""
 
     def __init__(self, db: AsyncEngine, judge: Judge) -> None:
         self.db = db
         self.judge = judge
 
     async def ListCheckpoints(self, request: cpb.ListCheckpointsRequest, context: Ctx) -> cpb.ListCheckpointsResponse:
-        where = _filter(request.filter, {"state": "state", "task": "task_id"})
+        where = _filter(
+            request.filter, {"state": "state", "task": "task_id", "assignee": "assignee", "trigger": "trigger"}
+        )
         if "state" in where:
             if where["state"] not in _CHECKPOINT_STATES:
                 raise invalid_argument([("filter", f"state is one of {', '.join(_CHECKPOINT_STATES)}")])
             where["state"] = int(_CHECKPOINT_STATES[where["state"]])
+        if "trigger" in where:
+            triggers = [t.removeprefix("CHECKPOINT_TRIGGER_") for t in epb.CheckpointTrigger.keys()[1:]]
+            if where["trigger"] not in triggers:
+                raise invalid_argument([("filter", f"trigger is one of {', '.join(triggers)}")])
+            where["trigger"] = epb.CheckpointTrigger.Value(f"CHECKPOINT_TRIGGER_{where['trigger']}")
         if "task_id" in where:
             where["task_id"] = task_id_of(where["task_id"])
         size, after = _page(request.page_size, request.page_token)
@@ -270,6 +314,8 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
                     latest = evals[-1]
                     subject.evaluation.CopyFrom(latest)
                     subject.attempt = latest.attempt
+                    reviews = await review_store.reviews_of_attempt(conn, task_id, subtask, latest.attempt)
+                    subject.reviews.extend(epb.Review.FromString(b) for b in reviews)
                     result_body = await store.result_body(conn, latest.result_id)
                     if result_body is not None:
                         res = ipb.SubmittedResult.FromString(result_body)
@@ -286,10 +332,12 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
                         subject.previous_feedback.extend(work_feedback(b) for b in feedback)
                 subjects.append(subject)
             others = await store.list_checkpoints(conn, {"task_id": task_id}, None, 1000)
+            voted = await voting.round_message(conn, cp.voting_round) if cp.voting_round else None
         return cpb.GetCheckpointResponse(
             checkpoint=cp,
             subjects=subjects,
             history=[c for c in (epb.Checkpoint.FromString(r[0]) for r in others) if c.name != cp.name],
+            voting_round=voted,
         )
 
     async def DecideCheckpoint(
@@ -335,7 +383,9 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
             feedback = [work_feedback(f.SerializeToString()) for f in request.feedback]
             for fb in feedback:
                 fb.author = fb.author or caller.name
-            verdicts = await self._verdicts(conn, cp, request, feedback)
+            # A tied vote's choice (voting.py) goes first: SelectSolution, then the per-subtask verdicts below.
+            verdicts = await voting.decide_at_checkpoint(conn, cp, request, caller.name)
+            verdicts += await self._verdicts(conn, cp, request, feedback)
             cp.state = state
             cp.close_time.CopyFrom(now_ts())
             cp.etag = uuid.uuid4().hex[:16]
@@ -345,6 +395,7 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
                     feedback=feedback,
                     apply_to_future=request.apply_to_future,
                     correct_subtasks=request.correct_subtasks,
+                    selected_solution=request.selected_solution,
                     comment=request.comment,
                     decided_by=caller.name,
                     decide_time=cp.close_time,
@@ -412,12 +463,18 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
         return response
 
     async def PreviewRollback(self, request: cpb.PreviewRollbackRequest, context: Ctx) -> cpb.PreviewRollbackResponse:
-        raise _not_built("PreviewRollback")
+        ident = _name_id(request.name, "checkpoints/")
+        return await rollback.preview(self.db, self.judge.settings, ident, request)
 
     async def RollbackToCheckpoint(
         self, request: cpb.RollbackToCheckpointRequest, context: Ctx
     ) -> cpb.RollbackToCheckpointResponse:
-        raise _not_built("RollbackToCheckpoint")
+        ident = _name_id(request.name, "checkpoints/")
+        caller = current_principal().name
+        response = await rollback.roll_back(self.db, self.judge.settings, ident, request, caller, _activity)
+        self.judge.poke(store.VERDICTS)
+        self.judge.poke(store.ACTIVITY)
+        return response
 
     async def _verdicts(
         self, conn: Any, cp: epb.Checkpoint, request: cpb.DecideCheckpointRequest, feedback: list[Any]
@@ -467,14 +524,8 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
         return body is not None and failed(ipb.SubmittedResult.FromString(body))
 
 
-def _not_built(rpc: str) -> MawError:
-    return MawError(grpc.StatusCode.UNIMPLEMENTED, f"maw.evaluator.v1.CheckpointService/{rpc} is not implemented yet")
-
-
 def work_feedback(body: bytes) -> Any:
     """A Feedback message from its bytes."""
-    from maw.common.v1 import work_pb2
-
     return work_pb2.Feedback.FromString(body)
 
 
@@ -505,10 +556,11 @@ def _activity(
 
 
 class PolicyService(ppb_grpc.PolicyServiceServicer):
-    """The default policy and each task's policy."""
+    """The default policy and each task's policy (a task's changes reach the scheduler as PolicyChanged)."""
 
-    def __init__(self, db: AsyncEngine) -> None:
+    def __init__(self, db: AsyncEngine, judge: Judge) -> None:
         self.db = db
+        self.judge = judge
 
     @staticmethod
     def _check_name(name: str, field: str) -> None:
@@ -562,6 +614,13 @@ class PolicyService(ppb_grpc.PolicyServiceServicer):
             current.etag = uuid.uuid4().hex[:16]
             current.update_time.CopyFrom(now_ts())
             await store.put_policy(conn, name, current.SerializeToString(), current.etag)
+            if name != _policy.DEFAULT_NAME:  # the scheduler's copy (ERROR, BEFORE_FINAL_ACCEPT) follows, in order
+                task_id = name.removeprefix("tasks/").removesuffix("/policy")
+                changed = new_verdict(f"tasks/{task_id}", "", 0, "", "")
+                changed.policy_changed.policy.CopyFrom(current)
+                await store.enqueue(conn, store.VERDICTS, [(task_id, changed.SerializeToString())])
+        if name != _policy.DEFAULT_NAME:
+            self.judge.poke(store.VERDICTS)
         return ppb.UpdatePolicyResponse(policy=current)
 
 

@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runtime.internal import internal_channel
 
-from . import _policy, store
+from . import _policy, peer_review, store, voting
 from .diffs import parse_diff
 from .judgement import Decision, Rules, Trigger, Verdict, decide, with_frequency
 from .scorers import Dimension, Finding, Work, registered
@@ -306,12 +306,19 @@ class Judge:
             result = ipb.SubmittedResult.FromString(body)
             async with self.db.connect() as conn:
                 policy = await effective_policy(conn, task_id)
+            if peer_review.handles(result, policy):  # a REVIEW output, or a result that waits for reviews
+                await peer_review.judge(self.db, result, evaluation_id, policy)
+                self.poke(store.VERDICTS)
+                continue
             if failed(result):
                 card = Scorecard([], None, Grade.UNSPECIFIED)  # a failure is not scored: the ERROR trigger decides
             else:
                 card = await asyncio.to_thread(
                     evaluate, work_of(result), registered(), _policy.weights_of(policy), list(policy.scorers)
                 )
+            if result.solution_of and await voting.commit_solution(self.db, result, evaluation_id, card):
+                self.poke(store.VERDICTS)  # one solution of a voting round (voting.py)
+                continue
             await self._commit_judgement(result, evaluation_id, card)
         return len(pending) >= self.settings.judge_batch
 
@@ -321,6 +328,9 @@ class Judge:
             await store.get_task(conn, task_id, lock=True)  # serialises decisions on one task
             if not await store.claim_result(conn, result.result_id):
                 return  # judged meanwhile by another replica
+            if await store.superseded(conn, task_id, result.subtask, result.attempt):
+                await store.mark_done(conn, result.result_id)  # its subtask was rolled back (rollback.py)
+                return
             policy = await effective_policy(conn, task_id)
             rules = _policy.rules_of(policy)
             decision = decide(card.overall, result.correction_cycle, rules)

@@ -9,6 +9,7 @@ from services.runtime import Resources, ServiceDefinition
 
 from .api import CheckpointService, EvaluationIntakeService, EvaluationService, PolicyService
 from .judge import Judge
+from .review_api import ReviewService
 from .settings import EvaluatorSettings
 
 
@@ -22,7 +23,8 @@ async def build(resources: Resources) -> Mapping[str, object]:
         "maw.evaluator.v1.EvaluationIntakeService": EvaluationIntakeService(resources.engine, judge),
         "maw.evaluator.v1.EvaluationService": EvaluationService(resources.engine),
         "maw.evaluator.v1.CheckpointService": CheckpointService(resources.engine, judge),
-        "maw.evaluator.v1.PolicyService": PolicyService(resources.engine),
+        "maw.evaluator.v1.PolicyService": PolicyService(resources.engine, judge),
+        "maw.evaluator.v1.ReviewService": ReviewService(resources.engine),
     }
 
 

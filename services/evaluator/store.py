@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from maw.evaluator.v1 import resources_pb2 as epb
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -199,17 +200,19 @@ async def corrections_of(conn: AsyncConnection, task_id: str, root: str) -> tupl
 
 
 async def insert_checkpoint(conn: AsyncConnection, checkpoint_id: str, task_id: str, state: int, body: bytes) -> None:
-    """Store a new checkpoint."""
+    """Store a new checkpoint (its assignee and trigger are columns too, for the inbox filters)."""
+    cp = epb.Checkpoint.FromString(body)
     await conn.execute(
-        text("INSERT INTO checkpoints (id, task_id, state, body) VALUES (:i, :t, :s, :b)"),
-        {"i": checkpoint_id, "t": task_id, "s": state, "b": body},
+        text("INSERT INTO checkpoints (id, task_id, state, body, assignee, trigger) VALUES (:i, :t, :s, :b, :a, :g)"),
+        {"i": checkpoint_id, "t": task_id, "s": state, "b": body, "a": cp.assignee, "g": int(cp.trigger)},
     )
 
 
 async def update_checkpoint(conn: AsyncConnection, checkpoint_id: str, state: int, body: bytes) -> None:
     """Replace a checkpoint's state and body."""
     await conn.execute(
-        text("UPDATE checkpoints SET state = :s, body = :b WHERE id = :i"), {"i": checkpoint_id, "s": state, "b": body}
+        text("UPDATE checkpoints SET state = :s, body = :b, assignee = :a WHERE id = :i"),
+        {"i": checkpoint_id, "s": state, "b": body, "a": epb.Checkpoint.FromString(body).assignee},
     )
 
 
@@ -237,7 +240,7 @@ async def open_checkpoint_of(conn: AsyncConnection, task_id: str) -> tuple[str, 
 async def list_checkpoints(
     conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
 ) -> list[tuple[bytes, datetime, str]]:
-    """A page of checkpoints, oldest first; ``where`` maps a column (state, task_id) to its value."""
+    """A page of checkpoints, oldest first; ``where`` maps a column (state, task_id, assignee, trigger) to its value."""
     return await _page(conn, "checkpoints", where, after, limit)
 
 
@@ -287,3 +290,30 @@ async def remember(conn: AsyncConnection, method: str, principal: str, request_i
         ),
         {"m": method, "p": principal, "r": request_id, "b": response},
     )
+
+
+# -- rollback ---------------------------------------------------------------------------------------------------
+
+
+async def supersede_attempts(conn: AsyncConnection, task_id: str, attempts: dict[str, int]) -> None:
+    """Results of these subtasks (name → attempt) up to that attempt no longer count: they were rolled back."""
+    if attempts:
+        names = sorted(attempts)
+        await conn.execute(
+            text(
+                "INSERT INTO superseded_attempts AS s (task_id, subtask, through_attempt)"
+                " SELECT :t, * FROM unnest(CAST(:n AS text[]), CAST(:a AS int[]))"
+                " ON CONFLICT (task_id, subtask) DO UPDATE"
+                " SET through_attempt = greatest(s.through_attempt, excluded.through_attempt)"
+            ),
+            {"t": task_id, "n": names, "a": [attempts[n] for n in names]},
+        )
+
+
+async def superseded(conn: AsyncConnection, task_id: str, subtask: str, attempt: int) -> bool:
+    """Whether a result of ``subtask``'s ``attempt`` was rolled back (see :func:`supersede_attempts`)."""
+    row = await conn.execute(
+        text("SELECT 1 FROM superseded_attempts WHERE task_id = :t AND subtask = :s AND through_attempt >= :a"),
+        {"t": task_id, "s": subtask, "a": attempt},
+    )
+    return row.first() is not None

@@ -126,6 +126,7 @@ _RULES: dict[str, Rule] = {
     "maw.scheduler.v1.TemplateService/DeleteTemplate": OPERATE,
     "maw.scheduler.v1.StatsService/GetStats": READ,
     "maw.scheduler.v1.VerdictService/DeliverVerdicts": FROM_EVALUATOR,
+    "maw.scheduler.v1.VerdictService/GetRollbackPlan": FROM_EVALUATOR,
     "maw.agent.v1.AgentService/Connect": AGENT,
     # evaluator
     "maw.evaluator.v1.EvaluationService/GetEvaluation": READ,

@@ -2,6 +2,8 @@
 
 Score (weights configurable, defaults from DESIGN.md): tool match 50 %, free resources 30 %,
 privacy fit 20 %. Labels, privacy acceptance and the need for a usable tool are hard constraints.
+A candidate may ask to avoid a worker and a tool (a REVIEW subtask: its author's): each lowers the score
+of an agent that has it, so any other free agent wins; a tool avoided "hard" is never used.
 Tasks share the free slots fairly (round-robin within a priority level) and never exceed their
 own concurrency limit; an agent never gets more than its free slots.
 """
@@ -57,6 +59,9 @@ class Candidate:
     task_running: int
     task_max_concurrency: int
     ready_time: datetime
+    avoid_worker: str = ""  # prefer any other worker (a REVIEW subtask avoids the author's)
+    avoid_tool: int = 0  # prefer any other tool; never use it when avoid_tool_hard
+    avoid_tool_hard: bool = False
 
 
 # maw.scheduler.v1.UnschedulableCode values.
@@ -65,11 +70,15 @@ NO_MATCHING_TOOL, NO_MATCHING_LABELS, NO_PRIVACY_FIT, NO_AGENTS, NO_FREE_SLOT = 
 
 def tool_for(agent: AgentView, cand: Candidate) -> int | None:
     """The tool the agent would run for the candidate, or None if it has none that fits."""
-    if cand.tool_kind in agent.tools:
+    if cand.tool_kind in agent.tools and not (cand.avoid_tool_hard and cand.tool_kind == cand.avoid_tool):
         return cand.tool_kind
     if cand.tool_kind in (SHELL, TEST):
         return None  # scripted steps need exactly their tool
     usable = [k for k in sorted(agent.tools) if k in AI_TOOLS]
+    if cand.avoid_tool:  # another tool than the avoided one first; never it when avoided hard
+        usable = [k for k in usable if k != cand.avoid_tool] + (
+            [] if cand.avoid_tool_hard else [k for k in usable if k == cand.avoid_tool]
+        )
     if cand.privacy_level == SENSITIVE:
         usable.sort(key=lambda k: not agent.tools[k])  # local-only first
     return usable[0] if usable else None
@@ -100,7 +109,13 @@ def score(agent: AgentView, cand: Candidate, weights: Weights = Weights()) -> fl
     else:
         privacy = 1.0
     total = weights.tool + weights.resources + weights.privacy
-    return (weights.tool * tool_score + weights.resources * resources + weights.privacy * privacy) / total
+    fit = (weights.tool * tool_score + weights.resources * resources + weights.privacy * privacy) / total
+    if cand.avoid_worker or cand.avoid_tool:
+        if agent.worker == cand.avoid_worker:
+            fit *= 0.5  # another worker wins whenever one is free
+        if tool == cand.avoid_tool:
+            fit *= 0.75
+    return fit
 
 
 def fair_order(cands: Sequence[Candidate]) -> list[Candidate]:

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf import field_mask_pb2
 from maw.common.v1 import work_pb2
+from maw.evaluator.v1 import resources_pb2 as epb
 from maw.scheduler.v1 import resources_pb2 as spb
 from maw.scheduler.v1 import stats_service_pb2 as stpb
 from maw.scheduler.v1 import stats_service_pb2_grpc as stpb_grpc
@@ -27,7 +28,7 @@ from services.runtime import already_exists, failed_precondition, invalid_argume
 from services.runtime.principal import current_principal
 
 from . import _convert as conv
-from . import dag, store
+from . import dag, store, voting
 from .engine import LOG_KIND, Engine, EventLog, now_utc
 from .names import ID_PATTERN, parse_subtask, parse_task, task_name
 from .settings import SchedulerSettings
@@ -188,16 +189,21 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                     "deps_remaining": len(step.dependencies),
                 }  # fmt: skip
             )
+        subtask_rows = voting.expand(task, subtask_rows)  # competing solutions when the task's policy votes
         if request.validate_only:
             task.name = task_name(task_id)
-            task.subtask_count = len(steps)
+            task.subtask_count = len(subtask_rows)
             task.state = spb.TASK_STATE_PENDING
             return tpb.CreateTaskResponse(task=task)
+        # AFTER_DECOMPOSITION asked by the task: it waits from the start, so nothing runs before a person confirms
+        # the plan at the checkpoint the evaluator opens when the task registers (docs/evaluation.md).
+        confirm_plan = epb.CHECKPOINT_TRIGGER_AFTER_DECOMPOSITION in task.policy.triggers
         task_row = {
             "id": task_id, "creator": creator, "request_id": request.request_id or None,
-            "body": task.SerializeToString(), "state": int(TaskState.PENDING), "priority": int(task.priority),
+            "body": task.SerializeToString(), "priority": int(task.priority),
+            "state": int(TaskState.WAITING_CHECKPOINT if confirm_plan else TaskState.PENDING),
             "max_concurrency": task.max_concurrency, "labels": json.dumps(dict(task.labels)),
-            "subtask_count": len(steps),
+            "subtask_count": len(subtask_rows),
         }  # fmt: skip
         try:
             async with self.db.begin() as conn:

@@ -40,7 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import allocation, store
-from .evaluation_link import enqueue_results, error_holds, is_judged, lost_attempt
+from .evaluation_link import FINAL_ACCEPT_REASON, enqueue_results, error_holds, final_holds, is_judged, lost_attempt
 from .names import subtask_name, task_name, try_parse_subtask
 from .settings import SchedulerSettings
 from .states import LEASED, TERMINAL_SUBTASK, TERMINAL_TASK, SubtaskState, TaskState, task_outcome
@@ -667,8 +667,9 @@ class Engine:
             if row.state == SubtaskState.CANCELLED:
                 continue  # the result is kept; the subtask stays cancelled
             counters[row.task_id]["running"] -= 1
-            if result.outcome == _OUTCOME_SUCCEEDED and is_judged(row.tool):
-                # Judged by the evaluator first (evaluation_link.py); verdicts.py applies its verdict.
+            if result.outcome == _OUTCOME_SUCCEEDED and (is_judged(row.tool) or row.solution_of):
+                # Judged by the evaluator first (evaluation_link.py); verdicts.py applies its verdict. A voting
+                # solution is always judged, whatever tool ran it (voting.py).
                 changes.append({"task_id": row.task_id, "key": row.key, "state": int(SubtaskState.EVALUATING),
                                 "progress_percent": 100})  # fmt: skip
                 events.subtask_state(row.task_id, row.key, row.state, SubtaskState.EVALUATING, row.attempt, row.worker)
@@ -700,10 +701,13 @@ class Engine:
                 reason = f"{work_pb2.Outcome.Name(result.outcome)}: {result.error_message[:200]}"
                 events.subtask_state(row.task_id, row.key, row.state, SubtaskState.READY, row.attempt, None, reason)
                 row.state = SubtaskState.READY
-            elif row.task_id in holding and is_judged(row.tool):
-                # Failed for good under the ERROR trigger: the evaluator holds it at a checkpoint.
+            elif (row.task_id in holding and is_judged(row.tool)) or row.review_of or row.solution_of:
+                # Failed for good under the ERROR trigger: the evaluator holds it at a checkpoint. A REVIEW subtask
+                # is always held: the evaluator records the failed review and excuses it (it never fails its task).
+                # So is a voting solution: it ranks last and cannot win, but never fails the task (voting.py).
                 changes.append({"task_id": row.task_id, "key": row.key, "state": int(SubtaskState.EVALUATING)})
-                reason = f"{work_pb2.Outcome.Name(result.outcome)} after {row.attempt} attempts; held for a person"
+                held_for = "the evaluator" if row.review_of or row.solution_of else "a person"
+                reason = f"{work_pb2.Outcome.Name(result.outcome)} after {row.attempt} attempts; held for {held_for}"
                 events.subtask_state(
                     row.task_id, row.key, row.state, SubtaskState.EVALUATING, row.attempt, row.worker, reason
                 )
@@ -747,14 +751,30 @@ class Engine:
         events: EventLog,
         cancels: list[dict[str, Any]],
     ) -> None:
-        """Finish tasks whose subtasks are all done, or fail those with a subtask failed for good."""
+        """Finish tasks whose subtasks are all done, or fail those with a subtask failed for good.
+
+        A task whose policy has BEFORE_FINAL_ACCEPT waits (WAITING_CHECKPOINT, ``final_accept`` 1) instead of
+        succeeding; the evaluator opens its checkpoint, and the Resume it sends later finishes it (verdicts.py).
+        """
+        outcomes = {}
         for row in tasks.values():
             if row.state in TERMINAL_TASK:
                 continue
             outcome = task_outcome(
                 row.subtask_count, row.succeeded_count, row.failed_count, row.cancelled_count, row.excused_count
             )
-            if outcome is None:
+            if outcome is not None:
+                outcomes[row.id] = outcome
+        asking = [t for t, o in outcomes.items() if o == TaskState.SUCCEEDED and tasks[t].final_accept != 2]
+        held = await final_holds(conn, asking) if asking else set()
+        for task_id, outcome in outcomes.items():
+            row = tasks[task_id]
+            if task_id in held:
+                if row.final_accept != 1:
+                    await store.update_task(conn, row.id, state=int(TaskState.WAITING_CHECKPOINT), final_accept=1,
+                                            state_message=FINAL_ACCEPT_REASON, running_count=0)  # fmt: skip
+                    events.task_state(row, row.state, TaskState.WAITING_CHECKPOINT, FINAL_ACCEPT_REASON)
+                    row.state, row.final_accept = TaskState.WAITING_CHECKPOINT, 1
                 continue
             reason = "all subtasks succeeded" if outcome == TaskState.SUCCEEDED else "a subtask failed"
             if outcome == TaskState.FAILED:
@@ -872,7 +892,8 @@ class Engine:
                         kind=cast("machine_pb2.ToolKind.ValueType", row.tool), model=spec.preferred_tool.model
                     ),
                     tool_options=spec.tool_options,
-                    prompt=prompt_for(_step_view(spec), task.display_name, task.description, list(task.requirements)),
+                    prompt=prompt_for(_step_view(spec), task.display_name, task.description, list(task.requirements))
+                    + _feedback_note(row),
                     context=apb.TaskContext(
                         task=task_name(row.task_id),
                         display_name=task.display_name,
@@ -933,7 +954,11 @@ class Engine:
             judged: list[tuple[str, str, int, str]] = []
 
             def hold(row: store.SubtaskRow, outcome: int, reason: str) -> bool:
-                if row.task_id not in holding or row.state not in LEASED or not is_judged(row.tool):
+                # A REVIEW subtask is always held, even one that never ran (queue-wait limit): the evaluator
+                # records the failed review, so the reviewed result is not left waiting for it. So is a voting
+                # solution, so its round is not left waiting for it.
+                if not (row.review_of or row.solution_of) and (row.task_id not in holding or row.state not in LEASED
+                                                               or not is_judged(row.tool)):  # fmt: skip
                     return False
                 if any(h["task_id"] == row.task_id and h["key"] == row.key for h in on_hold):
                     return True  # both expired and overdue: held once
@@ -941,8 +966,9 @@ class Engine:
                 lost_results.append(result)
                 judged.append(item)
                 on_hold.append({"task_id": row.task_id, "key": row.key, "state": int(SubtaskState.EVALUATING)})
+                held_for = "the evaluator" if row.review_of or row.solution_of else "a person"
                 events.subtask_state(row.task_id, row.key, row.state, SubtaskState.EVALUATING, row.attempt, None,
-                                     f"{reason}; held for a person")  # fmt: skip
+                                     f"{reason}; held for {held_for}")  # fmt: skip
                 return True
 
             for row in expired:
@@ -1172,6 +1198,22 @@ def _cancels(leases: list[apb.Lease], reason: int, message: str) -> apb.ConnectR
     )
 
 
+def _feedback_note(row: store.SubtaskRow) -> str:
+    """Feedback given for the task's future work (DecideCheckpoint apply_to_future), to add to the prompt.
+
+    A correction subtask carries its own feedback in its instructions already.
+    """
+    if not row.feedback or row.corrects:
+        return ""
+    lines = ["", "", "Feedback from the people reviewing this task; follow it in this step too:"]
+    for raw in row.feedback:
+        fb = work_pb2.Feedback.FromString(bytes(raw))
+        kind = work_pb2.FeedbackType.Name(fb.type).removeprefix("FEEDBACK_TYPE_")
+        files = f" (see {', '.join(fb.reference_files)})" if fb.reference_files else ""
+        lines.append(f"- [{kind}] {fb.text}{files}")
+    return "\n".join(lines)
+
+
 def _candidate(r: dict[str, Any]) -> allocation.Candidate:
     return allocation.Candidate(
         task_id=r["task_id"],
@@ -1184,6 +1226,9 @@ def _candidate(r: dict[str, Any]) -> allocation.Candidate:
         task_running=r["running_count"],
         task_max_concurrency=r["max_concurrency"],
         ready_time=r["ready_time"] or now_utc(),
+        avoid_worker=r.get("avoid_worker") or "",
+        avoid_tool=r.get("avoid_tool") or 0,
+        avoid_tool_hard=bool(r.get("avoid_tool_hard")),
     )
 
 

@@ -76,8 +76,12 @@ def is_judged(tool: int) -> bool:
     return tool in JUDGED_TOOLS
 
 
-async def error_holds(conn: AsyncConnection, task_ids: Collection[str]) -> set[str]:
-    """The tasks among ``task_ids`` whose effective policy has the ERROR trigger (their failures wait)."""
+async def with_trigger(conn: AsyncConnection, task_ids: Collection[str], trigger: int) -> set[str]:
+    """The tasks among ``task_ids`` whose effective policy has checkpoint ``trigger`` on.
+
+    The effective policy is the copy RegisterTask answered (``task_policies``, kept current by PolicyChanged
+    verdicts); before the task is registered, the triggers the task itself asked for decide.
+    """
     if not task_ids:
         return set()
     rows = await conn.execute(
@@ -87,12 +91,25 @@ async def error_holds(conn: AsyncConnection, task_ids: Collection[str]) -> set[s
         ),
         {"i": sorted(task_ids)},
     )
-    held = set()
+    found = set()
     for task_id, body, policy in rows:
         triggers = epb.Policy.FromString(policy).triggers if policy else spb.Task.FromString(body).policy.triggers
-        if epb.CHECKPOINT_TRIGGER_ERROR in triggers:
-            held.add(str(task_id))
-    return held
+        if trigger in triggers:
+            found.add(str(task_id))
+    return found
+
+
+async def error_holds(conn: AsyncConnection, task_ids: Collection[str]) -> set[str]:
+    """The tasks among ``task_ids`` whose effective policy has the ERROR trigger (their failures wait)."""
+    return await with_trigger(conn, task_ids, epb.CHECKPOINT_TRIGGER_ERROR)
+
+
+async def final_holds(conn: AsyncConnection, task_ids: Collection[str]) -> set[str]:
+    """The tasks among ``task_ids`` that wait for a person before they succeed (BEFORE_FINAL_ACCEPT)."""
+    return await with_trigger(conn, task_ids, epb.CHECKPOINT_TRIGGER_BEFORE_FINAL_ACCEPT)
+
+
+FINAL_ACCEPT_REASON = "every subtask is done; waiting for final acceptance"
 
 
 def lost_attempt(
@@ -163,7 +180,8 @@ async def _submitted(conn: AsyncConnection, rows: Sequence[Any]) -> list[ipb.Sub
             await conn.execute(
                 text(
                     "SELECT r.body, r.worker, s.body, s.tool, s.corrects, s.correction_cycle, t.subtask_count,"
-                    " t.succeeded_count FROM results r JOIN subtasks s ON s.task_id = r.task_id AND s.key = r.key"
+                    " t.succeeded_count, s.review_of, s.review_of_attempt, s.solution_of"
+                    " FROM results r JOIN subtasks s ON s.task_id = r.task_id AND s.key = r.key"
                     " JOIN tasks t ON t.id = r.task_id WHERE r.task_id = :t AND r.key = :k AND r.attempt = :a"
                 ),
                 {"t": task_id, "k": key, "a": attempt},
@@ -198,6 +216,9 @@ async def _submitted(conn: AsyncConnection, rows: Sequence[Any]) -> list[ipb.Sub
             error_message=res.error_message,
             task_subtasks_total=found[6],
             task_subtasks_succeeded=found[7],
+            review_of=subtask_name(task_id, found[8]) if found[8] else "",
+            review_of_attempt=found[9],
+            solution_of=subtask_name(task_id, found[10]) if found[10] else "",
         )
         if res.HasField("finish_time"):
             submitted.finish_time.CopyFrom(res.finish_time)
@@ -214,6 +235,8 @@ def update_of(event_id: int, body: bytes) -> ipb.TaskUpdate | None:
         change = event.task_state_changed
         if change.task.state in _ENDED:
             update.kind = _ENDED[change.task.state]
+        elif change.task.state == spb.TASK_STATE_WAITING_CHECKPOINT and change.reason == FINAL_ACCEPT_REASON:
+            update.kind = ipb.TASK_UPDATE_KIND_AWAITING_ACCEPTANCE
         elif change.previous_state in _ENDED:
             update.kind = ipb.TASK_UPDATE_KIND_REOPENED
         else:
@@ -240,10 +263,18 @@ async def _register(stub: ipb_grpc.EvaluationIntakeServiceAsyncStub, conn: Async
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
             raise
-        # A policy the evaluator refuses must not block the outbox: judge by the default one.
+        # A policy the evaluator refuses must not block the outbox: judge by the default one, keeping the task's
+        # own triggers (a task created waiting for AFTER_DECOMPOSITION must still get its checkpoint).
         _log.error("the evaluator refused %s's policy (%s); using the default", task_id, exc.details())
-        registration.ClearField("policy")
-        reply = await stub.RegisterTask(registration, timeout=30)
+        known = set(epb.CheckpointTrigger.values()) - {epb.CHECKPOINT_TRIGGER_UNSPECIFIED}
+        registration.policy.CopyFrom(epb.Policy(triggers=[t for t in registration.policy.triggers if t in known]))
+        try:
+            reply = await stub.RegisterTask(registration, timeout=30)
+        except grpc.aio.AioRpcError as again:
+            if again.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            registration.ClearField("policy")
+            reply = await stub.RegisterTask(registration, timeout=30)
     # Its own table: the relay's transaction spans RPCs and must not hold the task row's lock meanwhile.
     await conn.execute(
         text(
@@ -366,4 +397,15 @@ class EvaluationLink:
             return len(rows)
 
 
-__all__ = ["JUDGED_TOOLS", "EvaluationLink", "enqueue_results", "error_holds", "is_judged", "lost_attempt", "update_of"]
+__all__ = [
+    "FINAL_ACCEPT_REASON",
+    "JUDGED_TOOLS",
+    "EvaluationLink",
+    "enqueue_results",
+    "error_holds",
+    "final_holds",
+    "is_judged",
+    "lost_attempt",
+    "update_of",
+    "with_trigger",
+]

@@ -46,30 +46,41 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     T.RUNNING: frozenset({T.WAITING_CHECKPOINT, T.CANCELLING, T.SUCCEEDED, T.FAILED, T.CANCELLED}),
     T.WAITING_CHECKPOINT: frozenset({T.RUNNING, T.CANCELLING, T.CANCELLED, T.FAILED, T.SUCCEEDED}),
     T.CANCELLING: frozenset({T.CANCELLED}),
-    T.SUCCEEDED: frozenset(),
-    T.FAILED: frozenset(),
+    # A rollback to a checkpoint (rollback.py) reopens a finished task; a cancelled one stays cancelled.
+    T.SUCCEEDED: frozenset({T.RUNNING}),
+    T.FAILED: frozenset({T.RUNNING}),
     T.CANCELLED: frozenset(),
 }
+
+# A rollback to a checkpoint (rollback.py) resets a subtask done or begun since: PENDING, or READY when its
+# dependencies are all done.
+_BACK = frozenset({S.PENDING, S.READY})
 
 _LIVE = frozenset({S.PENDING, S.READY, S.ASSIGNED, S.RUNNING, S.EVALUATING, S.CORRECTING, S.WAITING_CHECKPOINT})
 
 SUBTASK_TRANSITIONS: dict[SubtaskState, frozenset[SubtaskState]] = {
     # Dependencies done → READY; a failed dependency → BLOCKED; cancellation from anywhere live.
     S.PENDING: frozenset({S.READY, S.BLOCKED, S.CANCELLED}),
-    # Claimed by a replica for a worker; the queue-wait limit can fail it; a retry can re-enter READY.
-    S.READY: frozenset({S.ASSIGNED, S.FAILED, S.CANCELLED, S.READY}),
+    # Claimed by a replica for a worker; the queue-wait limit can fail it; a retry can re-enter READY; a
+    # rollback of one of its dependencies sends it back to PENDING. A REVIEW subtask past its queue-wait
+    # limit goes to EVALUATING: the evaluator records the failed review (engine.py).
+    S.READY: frozenset({S.ASSIGNED, S.FAILED, S.CANCELLED, S.READY, S.PENDING, S.EVALUATING}),
     # The agent accepted; or declined / lease lost → READY again; or a result arrived before Accepted.
-    S.ASSIGNED: frozenset({S.RUNNING, S.READY, S.SUCCEEDED, S.EVALUATING, S.FAILED, S.CANCELLED}),
-    S.RUNNING: frozenset({S.READY, S.SUCCEEDED, S.EVALUATING, S.FAILED, S.CANCELLED}),
-    S.EVALUATING: frozenset({S.SUCCEEDED, S.CORRECTING, S.WAITING_CHECKPOINT, S.FAILED, S.CANCELLED}),
-    S.CORRECTING: frozenset({S.EVALUATING, S.SUCCEEDED, S.WAITING_CHECKPOINT, S.FAILED, S.CANCELLED}),
-    S.WAITING_CHECKPOINT: frozenset({S.SUCCEEDED, S.CORRECTING, S.READY, S.FAILED, S.CANCELLED}),
-    # RetrySubtask (an operator) may send finished work back to the queue.
-    S.SUCCEEDED: frozenset({S.READY}),
-    S.FAILED: frozenset({S.READY}),
-    S.CANCELLED: frozenset({S.READY}),
-    S.BLOCKED: frozenset({S.READY, S.CANCELLED}),
-    S.NOT_SELECTED: frozenset(),
+    S.ASSIGNED: frozenset({S.RUNNING, S.READY, S.SUCCEEDED, S.EVALUATING, S.FAILED, S.CANCELLED} | _BACK),
+    S.RUNNING: frozenset({S.READY, S.SUCCEEDED, S.EVALUATING, S.FAILED, S.CANCELLED} | _BACK),
+    # A voting solution that lost goes NOT_SELECTED (voting.py); it does not decide the task's outcome.
+    S.EVALUATING: frozenset(
+        {S.SUCCEEDED, S.CORRECTING, S.WAITING_CHECKPOINT, S.FAILED, S.CANCELLED, S.NOT_SELECTED} | _BACK
+    ),
+    S.CORRECTING: frozenset({S.EVALUATING, S.SUCCEEDED, S.WAITING_CHECKPOINT, S.FAILED, S.CANCELLED} | _BACK),
+    S.WAITING_CHECKPOINT: frozenset({S.SUCCEEDED, S.CORRECTING, S.READY, S.FAILED, S.CANCELLED} | _BACK),
+    # RetrySubtask (an operator) may send finished work back to the queue; a rollback resets it, or cancels
+    # it when it was a correction, review or competing solution made for a reset subtask.
+    S.SUCCEEDED: frozenset({S.READY, S.CANCELLED} | _BACK),
+    S.FAILED: frozenset({S.READY, S.CANCELLED} | _BACK),
+    S.CANCELLED: frozenset({S.READY} | _BACK),
+    S.BLOCKED: frozenset({S.READY, S.CANCELLED} | _BACK),
+    S.NOT_SELECTED: _BACK,  # only a rollback of its voted subtask: the vote runs again
 }
 
 TERMINAL_TASK = frozenset({T.SUCCEEDED, T.FAILED, T.CANCELLED})

@@ -45,6 +45,7 @@ class TaskRow:
     end_time: datetime | None
     update_time: datetime
     excused_count: int = 0  # subtasks that do not decide the outcome (failed reviews, solutions not selected)
+    final_accept: int = 0  # BEFORE_FINAL_ACCEPT: 0 not asked, 1 waiting for a person, 2 given
 
 
 @dataclass
@@ -137,13 +138,13 @@ async def insert_task(conn: AsyncConnection, task: dict[str, Any], subtasks: Seq
         text(
             "INSERT INTO subtasks (task_id, key, ordinal, body, state, max_attempts, priority, task_priority,"
             " tool_kind, privacy_level, required_labels, dependencies, dependents, deps_remaining, ready_time,"
-            " attempt_limit_s, queue_wait_limit_s, total_limit_s)"
+            " attempt_limit_s, queue_wait_limit_s, total_limit_s, solution_of)"
             " VALUES (:task_id, :key, :ordinal, :body, :state, :max_attempts, :priority, :task_priority,"
             " :tool_kind, :privacy_level, CAST(:required_labels AS jsonb), :dependencies, :dependents,"
             " :deps_remaining, CASE WHEN :state = 2 THEN now() END, :attempt_limit_s, :queue_wait_limit_s,"
-            " :total_limit_s)"
+            " :total_limit_s, :solution_of)"
         ),
-        list(subtasks),
+        [{"solution_of": "", **s} for s in subtasks],
     )
 
 
@@ -260,7 +261,8 @@ async def claim_candidates(conn: AsyncConnection, limit: int) -> list[dict[str, 
     rows = await conn.execute(
         text(
             "SELECT s.task_id, s.key, s.tool_kind, s.required_labels, s.privacy_level, s.priority,"
-            " s.task_priority, s.ready_time, t.running_count, t.max_concurrency, s.attempt_limit_s"
+            " s.task_priority, s.ready_time, t.running_count, t.max_concurrency, s.attempt_limit_s,"
+            " s.avoid_worker, s.avoid_tool, s.avoid_tool_hard"
             " FROM subtasks s JOIN tasks t ON t.id = s.task_id"
             " WHERE s.state = 2 AND t.state <> 3 AND (s.next_attempt_time IS NULL OR s.next_attempt_time <= now())"
             " ORDER BY s.task_priority DESC, s.priority DESC, s.ready_time"
@@ -450,7 +452,8 @@ async def ready_sample(conn: AsyncConnection, limit: int) -> list[dict[str, Any]
     rows = await conn.execute(
         text(
             "SELECT s.task_id, s.key, s.tool_kind, s.required_labels, s.privacy_level, s.priority,"
-            " s.task_priority, s.ready_time, 0 AS running_count, 0 AS max_concurrency"
+            " s.task_priority, s.ready_time, 0 AS running_count, 0 AS max_concurrency,"
+            " s.avoid_worker, s.avoid_tool, s.avoid_tool_hard"
             " FROM subtasks s WHERE s.state = 2 ORDER BY s.ready_time LIMIT :limit"
         ),
         {"limit": limit},

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.runtime import invalid_argument
 
 from . import _convert as conv
-from . import store
+from . import reviews, rollback, store, voting
 from .engine import Engine, EventLog, now_utc
 from .names import subtask_name, try_parse_subtask
 from .states import TERMINAL_TASK, SubtaskState, TaskState, TransitionError, check_subtask, check_task
@@ -111,6 +111,8 @@ class _Applier:
     async def run(self) -> None:
         action = self.v.WhichOneof("action")
         task = await self.task()
+        if action == "rollback":  # reopens a finished task, so before the check below (rollback.py)
+            return await rollback.apply(self, task)
         if task.state in TERMINAL_TASK:
             raise Outcome(STALE, f"the task is {T(task.state).name}")
         if action == "accept":
@@ -125,6 +127,12 @@ class _Applier:
             await self.resume(task)
         elif action == "cancel_task":
             await self.cancel(task)
+        elif action == "policy_changed":
+            await self.policy_changed(task)
+        elif action == "request_reviews":
+            await reviews.request_reviews(self, task)
+        elif action == "select_solution":
+            await voting.select_solution(self)
         else:
             raise Outcome(REJECTED, f"action {action or 'none'} is not supported by this scheduler")
 
@@ -221,6 +229,19 @@ class _Applier:
             },  # fmt: skip
         )
         await store.update_task(self.conn, row.task_id, subtask_count=task.subtask_count + 1)
+        if self.v.correct.apply_to_future and self.v.correct.feedback:
+            # The person's words also reach every subtask that has not run yet (engine._assignments adds them).
+            await self.conn.execute(
+                text(
+                    "UPDATE subtasks SET feedback = feedback || CAST(:fb AS bytea[]), update_time = now()"
+                    " WHERE task_id = :t AND state = ANY(:s) AND attempt = 0 AND corrects = '' AND review_of = ''"
+                ),
+                {
+                    "fb": [f.SerializeToString() for f in self.v.correct.feedback],
+                    "t": row.task_id,
+                    "s": [int(S.PENDING), int(S.READY)],
+                },  # fmt: skip
+            )
         added = await store.get_subtasks(self.conn, row.task_id, [key])
         self.events.add(
             row.task_id,
@@ -235,6 +256,7 @@ class _Applier:
 
     async def pause(self, task: store.TaskRow) -> None:
         checkpoint = self.v.pause.checkpoint
+        await rollback.record_mark(self.conn, task.id, checkpoint, self.v.subtask)  # what a rollback keeps
         if self.v.subtask:
             row = await self.subtask()
             await self._judged(row)
@@ -252,6 +274,10 @@ class _Applier:
             self.move_task(task, T.WAITING_CHECKPOINT, self.v.pause.reason)
             await store.update_task(self.conn, task.id, state=int(T.WAITING_CHECKPOINT), checkpoint=checkpoint,
                                     state_message=self.v.pause.reason[:2000])  # fmt: skip
+        elif not await self._current_checkpoint(task):
+            # Waiting without a checkpoint yet: created waiting for its plan to be confirmed (AFTER_DECOMPOSITION),
+            # or all done and waiting for final acceptance (BEFORE_FINAL_ACCEPT). This checkpoint is the one.
+            await store.update_task(self.conn, task.id, checkpoint=checkpoint, state_message=self.v.pause.reason[:2000])
         self.events.add(
             task.id,
             tpb.TaskEvent(
@@ -271,19 +297,36 @@ class _Applier:
         await store.set_subtask_states(self.conn, [{"task_id": row.task_id, "key": row.key, "state": int(S.FAILED),
                                                     "end_time": now_utc(),
                                                     "state_message": self.v.reject.reason[:2000]}])  # fmt: skip
-        await self.settle({"failed": 1})
+        await self.settle({"excused": 1} if row.review_of else {"failed": 1})  # a failed review never fails its task
+
+    async def _current_checkpoint(self, task: store.TaskRow) -> str:
+        found = await self.conn.execute(text("SELECT checkpoint FROM tasks WHERE id = :i"), {"i": task.id})
+        return str(found.scalar_one())
 
     async def resume(self, task: store.TaskRow) -> None:
-        current = (
-            await self.conn.execute(text("SELECT checkpoint FROM tasks WHERE id = :i"), {"i": task.id})
-        ).scalar_one()
+        current = await self._current_checkpoint(task)
         if task.state != T.WAITING_CHECKPOINT or current != self.v.resume.checkpoint:
-            raise Outcome(STALE, f"the task does not wait at {self.v.resume.checkpoint}")
-        self.move_task(task, T.RUNNING, f"{self.v.resume.checkpoint} decided")
+            raise Outcome(STALE, f"the task does not wait at {self.v.resume.checkpoint or 'final acceptance'}")
+        self.move_task(task, T.RUNNING, f"{self.v.resume.checkpoint or 'final acceptance'} decided")
         await store.update_task(self.conn, task.id, state=int(T.RUNNING), checkpoint="", state_message="")
-        self.events.add(task.id, tpb.TaskEvent(checkpoint_resolved=tpb.CheckpointResolved(
-            checkpoint=self.v.resume.checkpoint)))  # fmt: skip
+        if self.v.resume.checkpoint:
+            self.events.add(task.id, tpb.TaskEvent(checkpoint_resolved=tpb.CheckpointResolved(
+                checkpoint=self.v.resume.checkpoint)))  # fmt: skip
+        if task.final_accept == 1:  # it waited for final acceptance: given now, so the task succeeds
+            await store.update_task(self.conn, task.id, final_accept=2)
+            task.final_accept = 2
+            await self.settle({})
         self.ready = True
+
+    async def policy_changed(self, task: store.TaskRow) -> None:
+        """Replace the scheduler's copy of the task's effective policy (ERROR, BEFORE_FINAL_ACCEPT read it)."""
+        await self.conn.execute(
+            text(
+                "INSERT INTO task_policies (task_id, body) VALUES (:i, :p)"
+                " ON CONFLICT (task_id) DO UPDATE SET body = excluded.body"
+            ),
+            {"i": task.id, "p": self.v.policy_changed.policy.SerializeToString()},
+        )
 
     async def cancel(self, task: store.TaskRow) -> None:
         reason = self.v.cancel_task.reason or "rejected at a checkpoint"
@@ -353,6 +396,9 @@ class VerdictService(vpb_grpc.VerdictServiceServicer):
             raise invalid_argument(problems)
         acks = [await apply_verdict(self.db, self.engine, v) for v in request.verdicts]
         return vpb.DeliverVerdictsResponse(acks=acks)
+
+    async def GetRollbackPlan(self, request: vpb.GetRollbackPlanRequest, context: Ctx) -> vpb.GetRollbackPlanResponse:
+        return await rollback.get_rollback_plan(self.db, request)
 
 
 __all__ = ["VerdictService", "apply_verdict"]

@@ -23,13 +23,15 @@ def upgrade() -> None:
         ALTER TABLE subtasks
             ADD COLUMN review_of text NOT NULL DEFAULT '',
             ADD COLUMN solution_of text NOT NULL DEFAULT '';
-        ALTER TABLE tasks ADD COLUMN excused_count integer NOT NULL DEFAULT 0;
+        ALTER TABLE tasks
+            ADD COLUMN excused_count integer NOT NULL DEFAULT 0,
+            ADD COLUMN final_accept smallint NOT NULL DEFAULT 0;
         """
     )
 
 
 def downgrade() -> None:
     op.execute(
-        "ALTER TABLE tasks DROP COLUMN excused_count;"
+        "ALTER TABLE tasks DROP COLUMN excused_count, DROP COLUMN final_accept;"
         " ALTER TABLE subtasks DROP COLUMN review_of, DROP COLUMN solution_of"
     )

@@ -405,6 +405,7 @@ class RollbackEffect(_message.Message):
     CLOSED_CHECKPOINTS_FIELD_NUMBER: _builtins.int
     SUPERSEDED_EVALUATIONS_FIELD_NUMBER: _builtins.int
     PROGRESS_PERCENT_FIELD_NUMBER: _builtins.int
+    EXCUSED_SUBTASKS_FIELD_NUMBER: _builtins.int
     progress_percent: _builtins.int
     """The task's progress after the rollback, 0–100."""
     @_builtins.property
@@ -423,6 +424,12 @@ class RollbackEffect(_message.Message):
     def superseded_evaluations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Evaluations of the reset subtasks' results, which no longer count."""
 
+    @_builtins.property
+    def excused_subtasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Corrections and reviews made for the reset subtasks: cancelled, and they no longer count for the task's
+        outcome.
+        """
+
     def __init__(
         self,
         *,
@@ -431,10 +438,11 @@ class RollbackEffect(_message.Message):
         closed_checkpoints: _abc.Iterable[_builtins.str] | None = ...,
         superseded_evaluations: _abc.Iterable[_builtins.str] | None = ...,
         progress_percent: _builtins.int = ...,
+        excused_subtasks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_subtasks", b"cancelled_subtasks", "closed_checkpoints", b"closed_checkpoints", "progress_percent", b"progress_percent", "reset_subtasks", b"reset_subtasks", "superseded_evaluations", b"superseded_evaluations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_subtasks", b"cancelled_subtasks", "closed_checkpoints", b"closed_checkpoints", "excused_subtasks", b"excused_subtasks", "progress_percent", b"progress_percent", "reset_subtasks", b"reset_subtasks", "superseded_evaluations", b"superseded_evaluations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

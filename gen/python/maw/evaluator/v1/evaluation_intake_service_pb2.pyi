@@ -74,6 +74,11 @@ class _TaskUpdateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskUp
     """A finished task runs again (RetrySubtask on a failed task)."""
     TASK_UPDATE_KIND_SUBTASKS_ADDED: _TaskUpdateKind.ValueType  # 5
     """Subtasks were added to the task (corrections, reviews, voting solutions, retries)."""
+    TASK_UPDATE_KIND_AWAITING_ACCEPTANCE: _TaskUpdateKind.ValueType  # 6
+    """Every subtask is done and the task's policy has the BEFORE_FINAL_ACCEPT trigger: the task waits
+    (TASK_STATE_WAITING_CHECKPOINT) until the evaluator resumes it (a person approved at a BEFORE_FINAL_ACCEPT
+    checkpoint, or the trigger is off in the evaluator's policy); resumed, it succeeds.
+    """
 
 class TaskUpdateKind(_TaskUpdateKind, metaclass=_TaskUpdateKindEnumTypeWrapper):
     """A task-level change the evaluator must know about."""
@@ -90,6 +95,11 @@ TASK_UPDATE_KIND_REOPENED: TaskUpdateKind.ValueType  # 4
 """A finished task runs again (RetrySubtask on a failed task)."""
 TASK_UPDATE_KIND_SUBTASKS_ADDED: TaskUpdateKind.ValueType  # 5
 """Subtasks were added to the task (corrections, reviews, voting solutions, retries)."""
+TASK_UPDATE_KIND_AWAITING_ACCEPTANCE: TaskUpdateKind.ValueType  # 6
+"""Every subtask is done and the task's policy has the BEFORE_FINAL_ACCEPT trigger: the task waits
+(TASK_STATE_WAITING_CHECKPOINT) until the evaluator resumes it (a person approved at a BEFORE_FINAL_ACCEPT
+checkpoint, or the trigger is off in the evaluator's policy); resumed, it succeeds.
+"""
 Global___TaskUpdateKind: _TypeAlias = TaskUpdateKind  # noqa: Y015
 
 @_typing.final

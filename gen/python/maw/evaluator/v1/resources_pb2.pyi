@@ -1142,8 +1142,9 @@ class Policy(_message.Message):
 
     @_builtins.property
     def triggers(self) -> _containers.RepeatedScalarFieldContainer[Global___CheckpointTrigger.ValueType]:
-        """The triggers that open checkpoints. Default: FREQUENCY, ERROR, LOW_SCORE, ESCALATION, TIME_BUDGET,
-        MANUAL. MANUAL is always on.
+        """The triggers that open checkpoints. Built-in default: LOW_SCORE, ESCALATION, TIME_BUDGET, MANUAL (FREQUENCY,
+        ERROR, AFTER_DECOMPOSITION and BEFORE_FINAL_ACCEPT are asked for per task or by an admin in `policies/default`;
+        a task that sets `checkpoint_frequency` with no triggers gets FREQUENCY added). MANUAL is always on.
         """
 
     @_builtins.property
@@ -1152,11 +1153,15 @@ class Policy(_message.Message):
 
     @_builtins.property
     def peer_review(self) -> Global___PeerReviewPolicy:
-        """Peer review settings. Default: 1 reviewer on a different tool where possible."""
+        """Peer review settings. Built-in default: off (0 reviewers: reviews double the AI spend and need a second
+        worker); a task or `policies/default` turns it on.
+        """
 
     @_builtins.property
     def voting(self) -> Global___VotingPolicy:
-        """Voting settings. Default: off."""
+        """Voting settings. Default: off. Competing solutions are added when the task is created, from the task's own
+        policy only.
+        """
 
     @_builtins.property
     def scorers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

@@ -26,45 +26,54 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from maw.common.v1 import machine_pb2 as maw_dot_common_dot_v1_dot_machine__pb2
 from maw.common.v1 import work_pb2 as maw_dot_common_dot_v1_dot_work__pb2
 from maw.evaluator.v1 import resources_pb2 as maw_dot_evaluator_dot_v1_dot_resources__pb2
+from maw.scheduler.v1 import resources_pb2 as maw_dot_scheduler_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&maw/scheduler/v1/verdict_service.proto\x12\x10maw.scheduler.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmaw/common/v1/machine.proto\x1a\x18maw/common/v1/work.proto\x1a maw/evaluator/v1/resources.proto\"\x9e\x10\n\x07Verdict\x12\x1d\n\nverdict_id\x18\x01 \x01(\tR\tverdictId\x12\x12\n\x04task\x18\x02 \x01(\tR\x04task\x12\x18\n\x07subtask\x18\x03 \x01(\tR\x07subtask\x12\x18\n\x07\x61ttempt\x18\x04 \x01(\x05R\x07\x61ttempt\x12\x1b\n\tresult_id\x18\x05 \x01(\tR\x08resultId\x12\x1e\n\nevaluation\x18\x06 \x01(\tR\nevaluation\x12\x14\n\x05score\x18\x07 \x01(\x01R\x05score\x12-\n\x05grade\x18\x08 \x01(\x0e\x32\x17.maw.evaluator.v1.GradeR\x05grade\x12;\n\x0b\x64\x65\x63ide_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ndecideTime\x12:\n\x06\x61\x63\x63\x65pt\x18\n \x01(\x0b\x32 .maw.scheduler.v1.Verdict.AcceptH\x00R\x06\x61\x63\x63\x65pt\x12=\n\x07\x63orrect\x18\x0b \x01(\x0b\x32!.maw.scheduler.v1.Verdict.CorrectH\x00R\x07\x63orrect\x12S\n\x0frequest_reviews\x18\x0c \x01(\x0b\x32(.maw.scheduler.v1.Verdict.RequestReviewsH\x00R\x0erequestReviews\x12\x37\n\x05pause\x18\r \x01(\x0b\x32\x1f.maw.scheduler.v1.Verdict.PauseH\x00R\x05pause\x12:\n\x06resume\x18\x0e \x01(\x0b\x32 .maw.scheduler.v1.Verdict.ResumeH\x00R\x06resume\x12:\n\x06reject\x18\x0f \x01(\x0b\x32 .maw.scheduler.v1.Verdict.RejectH\x00R\x06reject\x12G\n\x0b\x63\x61ncel_task\x18\x10 \x01(\x0b\x32$.maw.scheduler.v1.Verdict.CancelTaskH\x00R\ncancelTask\x12@\n\x08rollback\x18\x11 \x01(\x0b\x32\".maw.scheduler.v1.Verdict.RollbackH\x00R\x08rollback\x12S\n\x0fselect_solution\x18\x12 \x01(\x0b\x32(.maw.scheduler.v1.Verdict.SelectSolutionH\x00R\x0eselectSolution\x12P\n\x0epolicy_changed\x18\x13 \x01(\x0b\x32\'.maw.scheduler.v1.Verdict.PolicyChangedH\x00R\rpolicyChanged\x1a\x08\n\x06\x41\x63\x63\x65pt\x1a\x97\x02\n\x07\x43orrect\x12)\n\x10\x63orrection_cycle\x18\x01 \x01(\x05R\x0f\x63orrectionCycle\x12\"\n\x0cinstructions\x18\x02 \x01(\tR\x0cinstructions\x12\x33\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x03(\x0b\x32\x17.maw.common.v1.FeedbackR\x08\x66\x65\x65\x64\x62\x61\x63k\x12&\n\x0f\x61pply_to_future\x18\x04 \x01(\x08R\rapplyToFuture\x12@\n\x0epreferred_tool\x18\x05 \x01(\x0b\x32\x19.maw.common.v1.ToolChoiceR\rpreferredTool\x12\x1e\n\ncheckpoint\x18\x06 \x01(\tR\ncheckpoint\x1a\xd6\x01\n\x0eRequestReviews\x12\x1c\n\treviewers\x18\x01 \x01(\x05R\treviewers\x12\x34\n\x16require_different_tool\x18\x02 \x01(\x08R\x14requireDifferentTool\x12\"\n\x0cinstructions\x18\x03 \x01(\tR\x0cinstructions\x12)\n\x10\x63ompare_subtasks\x18\x04 \x03(\tR\x0f\x63ompareSubtasks\x12!\n\x0cvoting_round\x18\x05 \x01(\tR\x0bvotingRound\x1a\x9a\x01\n\x05Pause\x12\x1e\n\ncheckpoint\x18\x01 \x01(\tR\ncheckpoint\x12=\n\x07trigger\x18\x02 \x01(\x0e\x32#.maw.evaluator.v1.CheckpointTriggerR\x07trigger\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12\x1a\n\x08subtasks\x18\x04 \x03(\tR\x08subtasks\x1a(\n\x06Resume\x12\x1e\n\ncheckpoint\x18\x01 \x01(\tR\ncheckpoint\x1a \n\x06Reject\x12\x16\n\x06reason\x18\x01 \x01(\tR\x06reason\x1a\x44\n\nCancelTask\x12\x1e\n\ncheckpoint\x18\x01 \x01(\tR\ncheckpoint\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x1aQ\n\x08Rollback\x12\x1e\n\ncheckpoint\x18\x01 \x01(\tR\ncheckpoint\x12%\n\x0ereset_subtasks\x18\x02 \x03(\tR\rresetSubtasks\x1an\n\x0eSelectSolution\x12!\n\x0cvoting_round\x18\x01 \x01(\tR\x0bvotingRound\x12\x16\n\x06winner\x18\x02 \x01(\tR\x06winner\x12!\n\x0cnot_selected\x18\x03 \x03(\tR\x0bnotSelected\x1a\x41\n\rPolicyChanged\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32\x18.maw.evaluator.v1.PolicyR\x06policyB\x08\n\x06\x61\x63tion\"O\n\x16\x44\x65liverVerdictsRequest\x12\x35\n\x08verdicts\x18\x01 \x03(\x0b\x32\x19.maw.scheduler.v1.VerdictR\x08verdicts\"\xb8\x01\n\nVerdictAck\x12\x1d\n\nverdict_id\x18\x01 \x01(\tR\tverdictId\x12\x46\n\x0b\x64isposition\x18\x02 \x01(\x0e\x32$.maw.scheduler.v1.VerdictDispositionR\x0b\x64isposition\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12)\n\x10\x63reated_subtasks\x18\x04 \x03(\tR\x0f\x63reatedSubtasks\"K\n\x17\x44\x65liverVerdictsResponse\x12\x30\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1c.maw.scheduler.v1.VerdictAckR\x04\x61\x63ks*\xbe\x01\n\x12VerdictDisposition\x12#\n\x1fVERDICT_DISPOSITION_UNSPECIFIED\x10\x00\x12\x1f\n\x1bVERDICT_DISPOSITION_APPLIED\x10\x01\x12!\n\x1dVERDICT_DISPOSITION_DUPLICATE\x10\x02\x12\x1d\n\x19VERDICT_DISPOSITION_STALE\x10\x03\x12 \n\x1cVERDICT_DISPOSITION_REJECTED\x10\x04\x32x\n\x0eVerdictService\x12\x66\n\x0f\x44\x65liverVerdicts\x12(.maw.scheduler.v1.DeliverVerdictsRequest\x1a).maw.scheduler.v1.DeliverVerdictsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&maw/scheduler/v1/verdict_service.proto\x12\x10maw.scheduler.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmaw/common/v1/machine.proto\x1a\x18maw/common/v1/work.proto\x1a maw/evaluator/v1/resources.proto\x1a maw/scheduler/v1/resources.proto\"\x9e\x10\n\x07Verdict\x12\x1d\n\nverdict_id\x18\x01 \x01(\tR\tverdictId\x12\x12\n\x04task\x18\x02 \x01(\tR\x04task\x12\x18\n\x07subtask\x18\x03 \x01(\tR\x07subtask\x12\x18\n\x07\x61ttempt\x18\x04 \x01(\x05R\x07\x61ttempt\x12\x1b\n\tresult_id\x18\x05 \x01(\tR\x08resultId\x12\x1e\n\nevaluation\x18\x06 \x01(\tR\nevaluation\x12\x14\n\x05score\x18\x07 \x01(\x01R\x05score\x12-\n\x05grade\x18\x08 \x01(\x0e\x32\x17.maw.evaluator.v1.GradeR\x05grade\x12;\n\x0b\x64\x65\x63ide_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ndecideTime\x12:\n\x06\x61\x63\x63\x65pt\x18\n \x01(\x0b\x32 .maw.scheduler.v1.Verdict.AcceptH\x00R\x06\x61\x63\x63\x65pt\x12=\n\x07\x63orrect\x18\x0b \x01(\x0b\x32!.maw.scheduler.v1.Verdict.CorrectH\x00R\x07\x63orrect\x12S\n\x0frequest_reviews\x18\x0c \x01(\x0b\x32(.maw.scheduler.v1.Verdict.RequestReviewsH\x00R\x0erequestReviews\x12\x37\n\x05pause\x18\r \x01(\x0b\x32\x1f.maw.scheduler.v1.Verdict.PauseH\x00R\x05pause\x12:\n\x06resume\x18\x0e \x01(\x0b\x32 .maw.scheduler.v1.Verdict.ResumeH\x00R\x06resume\x12:\n\x06reject\x18\x0f \x01(\x0b\x32 .maw.scheduler.v1.Verdict.RejectH\x00R\x06reject\x12G\n\x0b\x63\x61ncel_task\x18\x10 \x01(\x0b\x32$.maw.scheduler.v1.Verdict.CancelTaskH\x00R\ncancelTask\x12@\n\x08rollback\x18\x11 \x01(\x0b\x32\".maw.scheduler.v1.Verdict.RollbackH\x00R\x08rollback\x12S\n\x0fselect_solution\x18\x12 \x01(\x0b\x32(.maw.scheduler.v1.Verdict.SelectSolutionH\x00R\x0eselectSolution\x12P\n\x0epolicy_changed\x18\x13 \x01(\x0b\x32\'.maw.scheduler.v1.Verdict.PolicyChangedH\x00R\rpolicyChanged\x1a\x08\n\x06\x41\x63\x63\x65pt\x1a\x97\x02\n\x07\x43orrect\x12)\n\x10\x63orrection_cycle\x18\x01 \x01(\x05R\x0f\x63orrectionCycle\x12\"\n\x0cinstructions\x18\x02 \x01(\tR\x0cinstructions\x12\x33\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x03(\x0b\x32\x17.maw.common.v1.FeedbackR\x08\x66\x65\x65\x64\x62\x61\x63k\x12&\n\x0f\x61pply_to_future\x18\x04 \x01(\x08R\rapplyToFuture\x12@\n\x0epreferred_tool\x18\x05 \x01(\x0b\x32\x19.maw.common.v1.ToolChoiceR\rpreferredTool\x12\x1e\n\ncheckpoint\x18\x06 \x01(\tR\ncheckpoint\x1a\xd6\x01\n\x0eRequestReviews\x12\x1c\n\treviewers\x18\x01 \x01(\x05R\treviewers\x12\x34\n\x16require_different_tool\x18\x02 \x01(\x08R\x14requireDifferentTool\x12\"\n\x0cinstructions\x18\x03 \x01(\tR\x0cinstructions\x12)\n\x10\x63ompare_subtasks\x18\x04 \x03(\tR\x0f\x63ompareSubtasks\x12!\n\x0cvoting_round\x18\x05 \x01(\tR\x0bvotingRound\x1a\x9a\x01\n\x05Pause\x12\x1e\n\ncheckpoint\x18\x01 \x01(\tR\ncheckpoint\x12=\n\x07trigger\x18\x02 \x01(\x0e\x32#.maw.evaluator.v1.CheckpointTriggerR\x07trigger\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12\x1a\n\x08subtasks\x18\x04 \x03(\tR\x08subtasks\x1a(\n\x06Resume\x12\x1e\n\ncheckpoint\x18\x01 \x01(\tR\ncheckpoint\x1a \n\x06Reject\x12\x16\n\x06reason\x18\x01 \x01(\tR\x06reason\x1a\x44\n\nCancelTask\x12\x1e\n\ncheckpoint\x18\x01 \x01(\tR\ncheckpoint\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x1aQ\n\x08Rollback\x12\x1e\n\ncheckpoint\x18\x01 \x01(\tR\ncheckpoint\x12%\n\x0ereset_subtasks\x18\x02 \x03(\tR\rresetSubtasks\x1an\n\x0eSelectSolution\x12!\n\x0cvoting_round\x18\x01 \x01(\tR\x0bvotingRound\x12\x16\n\x06winner\x18\x02 \x01(\tR\x06winner\x12!\n\x0cnot_selected\x18\x03 \x03(\tR\x0bnotSelected\x1a\x41\n\rPolicyChanged\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32\x18.maw.evaluator.v1.PolicyR\x06policyB\x08\n\x06\x61\x63tion\"O\n\x16\x44\x65liverVerdictsRequest\x12\x35\n\x08verdicts\x18\x01 \x03(\x0b\x32\x19.maw.scheduler.v1.VerdictR\x08verdicts\"\xb8\x01\n\nVerdictAck\x12\x1d\n\nverdict_id\x18\x01 \x01(\tR\tverdictId\x12\x46\n\x0b\x64isposition\x18\x02 \x01(\x0e\x32$.maw.scheduler.v1.VerdictDispositionR\x0b\x64isposition\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12)\n\x10\x63reated_subtasks\x18\x04 \x03(\tR\x0f\x63reatedSubtasks\"K\n\x17\x44\x65liverVerdictsResponse\x12\x30\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1c.maw.scheduler.v1.VerdictAckR\x04\x61\x63ks\"L\n\x16GetRollbackPlanRequest\x12\x12\n\x04task\x18\x01 \x01(\tR\x04task\x12\x1e\n\ncheckpoint\x18\x02 \x01(\tR\ncheckpoint\"\xdc\x03\n\x17GetRollbackPlanResponse\x12%\n\x0ereset_subtasks\x18\x01 \x03(\tR\rresetSubtasks\x12-\n\x12\x63\x61ncelled_subtasks\x18\x02 \x03(\tR\x11\x63\x61ncelledSubtasks\x12)\n\x10\x65xcused_subtasks\x18\x03 \x03(\tR\x0f\x65xcusedSubtasks\x12-\n\x12\x63ompleted_subtasks\x18\x04 \x03(\tR\x11\x63ompletedSubtasks\x12)\n\x10progress_percent\x18\x05 \x01(\x05R\x0fprogressPercent\x12:\n\ntask_state\x18\x06 \x01(\x0e\x32\x1b.maw.scheduler.v1.TaskStateR\ttaskState\x12\x18\n\x07version\x18\x07 \x01(\tR\x07version\x12S\n\x08\x61ttempts\x18\x08 \x03(\x0b\x32\x37.maw.scheduler.v1.GetRollbackPlanResponse.AttemptsEntryR\x08\x61ttempts\x1a;\n\rAttemptsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x05R\x05value:\x02\x38\x01*\xbe\x01\n\x12VerdictDisposition\x12#\n\x1fVERDICT_DISPOSITION_UNSPECIFIED\x10\x00\x12\x1f\n\x1bVERDICT_DISPOSITION_APPLIED\x10\x01\x12!\n\x1dVERDICT_DISPOSITION_DUPLICATE\x10\x02\x12\x1d\n\x19VERDICT_DISPOSITION_STALE\x10\x03\x12 \n\x1cVERDICT_DISPOSITION_REJECTED\x10\x04\x32\xe0\x01\n\x0eVerdictService\x12\x66\n\x0f\x44\x65liverVerdicts\x12(.maw.scheduler.v1.DeliverVerdictsRequest\x1a).maw.scheduler.v1.DeliverVerdictsResponse\x12\x66\n\x0fGetRollbackPlan\x12(.maw.scheduler.v1.GetRollbackPlanRequest\x1a).maw.scheduler.v1.GetRollbackPlanResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maw.scheduler.v1.verdict_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERDICTDISPOSITION']._serialized_start=2609
-  _globals['_VERDICTDISPOSITION']._serialized_end=2799
-  _globals['_VERDICT']._serialized_start=183
-  _globals['_VERDICT']._serialized_end=2261
-  _globals['_VERDICT_ACCEPT']._serialized_start=1179
-  _globals['_VERDICT_ACCEPT']._serialized_end=1187
-  _globals['_VERDICT_CORRECT']._serialized_start=1190
-  _globals['_VERDICT_CORRECT']._serialized_end=1469
-  _globals['_VERDICT_REQUESTREVIEWS']._serialized_start=1472
-  _globals['_VERDICT_REQUESTREVIEWS']._serialized_end=1686
-  _globals['_VERDICT_PAUSE']._serialized_start=1689
-  _globals['_VERDICT_PAUSE']._serialized_end=1843
-  _globals['_VERDICT_RESUME']._serialized_start=1845
-  _globals['_VERDICT_RESUME']._serialized_end=1885
-  _globals['_VERDICT_REJECT']._serialized_start=1887
-  _globals['_VERDICT_REJECT']._serialized_end=1919
-  _globals['_VERDICT_CANCELTASK']._serialized_start=1921
-  _globals['_VERDICT_CANCELTASK']._serialized_end=1989
-  _globals['_VERDICT_ROLLBACK']._serialized_start=1991
-  _globals['_VERDICT_ROLLBACK']._serialized_end=2072
-  _globals['_VERDICT_SELECTSOLUTION']._serialized_start=2074
-  _globals['_VERDICT_SELECTSOLUTION']._serialized_end=2184
-  _globals['_VERDICT_POLICYCHANGED']._serialized_start=2186
-  _globals['_VERDICT_POLICYCHANGED']._serialized_end=2251
-  _globals['_DELIVERVERDICTSREQUEST']._serialized_start=2263
-  _globals['_DELIVERVERDICTSREQUEST']._serialized_end=2342
-  _globals['_VERDICTACK']._serialized_start=2345
-  _globals['_VERDICTACK']._serialized_end=2529
-  _globals['_DELIVERVERDICTSRESPONSE']._serialized_start=2531
-  _globals['_DELIVERVERDICTSRESPONSE']._serialized_end=2606
-  _globals['_VERDICTSERVICE']._serialized_start=2801
-  _globals['_VERDICTSERVICE']._serialized_end=2921
+  _globals['_GETROLLBACKPLANRESPONSE_ATTEMPTSENTRY']._loaded_options = None
+  _globals['_GETROLLBACKPLANRESPONSE_ATTEMPTSENTRY']._serialized_options = b'8\001'
+  _globals['_VERDICTDISPOSITION']._serialized_start=3200
+  _globals['_VERDICTDISPOSITION']._serialized_end=3390
+  _globals['_VERDICT']._serialized_start=217
+  _globals['_VERDICT']._serialized_end=2295
+  _globals['_VERDICT_ACCEPT']._serialized_start=1213
+  _globals['_VERDICT_ACCEPT']._serialized_end=1221
+  _globals['_VERDICT_CORRECT']._serialized_start=1224
+  _globals['_VERDICT_CORRECT']._serialized_end=1503
+  _globals['_VERDICT_REQUESTREVIEWS']._serialized_start=1506
+  _globals['_VERDICT_REQUESTREVIEWS']._serialized_end=1720
+  _globals['_VERDICT_PAUSE']._serialized_start=1723
+  _globals['_VERDICT_PAUSE']._serialized_end=1877
+  _globals['_VERDICT_RESUME']._serialized_start=1879
+  _globals['_VERDICT_RESUME']._serialized_end=1919
+  _globals['_VERDICT_REJECT']._serialized_start=1921
+  _globals['_VERDICT_REJECT']._serialized_end=1953
+  _globals['_VERDICT_CANCELTASK']._serialized_start=1955
+  _globals['_VERDICT_CANCELTASK']._serialized_end=2023
+  _globals['_VERDICT_ROLLBACK']._serialized_start=2025
+  _globals['_VERDICT_ROLLBACK']._serialized_end=2106
+  _globals['_VERDICT_SELECTSOLUTION']._serialized_start=2108
+  _globals['_VERDICT_SELECTSOLUTION']._serialized_end=2218
+  _globals['_VERDICT_POLICYCHANGED']._serialized_start=2220
+  _globals['_VERDICT_POLICYCHANGED']._serialized_end=2285
+  _globals['_DELIVERVERDICTSREQUEST']._serialized_start=2297
+  _globals['_DELIVERVERDICTSREQUEST']._serialized_end=2376
+  _globals['_VERDICTACK']._serialized_start=2379
+  _globals['_VERDICTACK']._serialized_end=2563
+  _globals['_DELIVERVERDICTSRESPONSE']._serialized_start=2565
+  _globals['_DELIVERVERDICTSRESPONSE']._serialized_end=2640
+  _globals['_GETROLLBACKPLANREQUEST']._serialized_start=2642
+  _globals['_GETROLLBACKPLANREQUEST']._serialized_end=2718
+  _globals['_GETROLLBACKPLANRESPONSE']._serialized_start=2721
+  _globals['_GETROLLBACKPLANRESPONSE']._serialized_end=3197
+  _globals['_GETROLLBACKPLANRESPONSE_ATTEMPTSENTRY']._serialized_start=3138
+  _globals['_GETROLLBACKPLANRESPONSE_ATTEMPTSENTRY']._serialized_end=3197
+  _globals['_VERDICTSERVICE']._serialized_start=3393
+  _globals['_VERDICTSERVICE']._serialized_end=3617
 # @@protoc_insertion_point(module_scope)

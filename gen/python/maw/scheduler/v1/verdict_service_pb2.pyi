@@ -12,6 +12,7 @@ from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from maw.common.v1 import machine_pb2 as _machine_pb2
 from maw.common.v1 import work_pb2 as _work_pb2
 from maw.evaluator.v1 import resources_pb2 as _resources_pb2
+from maw.scheduler.v1 import resources_pb2 as _resources_pb2_1
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -552,3 +553,118 @@ class DeliverVerdictsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeliverVerdictsResponse: _TypeAlias = DeliverVerdictsResponse  # noqa: Y015
+
+@_typing.final
+class GetRollbackPlanRequest(_message.Message):
+    """Request of VerdictService.GetRollbackPlan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    """The task: `tasks/{task}`."""
+    checkpoint: _builtins.str
+    """The checkpoint to roll back to: `checkpoints/{checkpoint}`."""
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        checkpoint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRollbackPlanRequest: _TypeAlias = GetRollbackPlanRequest  # noqa: Y015
+
+@_typing.final
+class GetRollbackPlanResponse(_message.Message):
+    """Response of VerdictService.GetRollbackPlan: what a Rollback verdict sent now would do."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttemptsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RESET_SUBTASKS_FIELD_NUMBER: _builtins.int
+    CANCELLED_SUBTASKS_FIELD_NUMBER: _builtins.int
+    EXCUSED_SUBTASKS_FIELD_NUMBER: _builtins.int
+    COMPLETED_SUBTASKS_FIELD_NUMBER: _builtins.int
+    PROGRESS_PERCENT_FIELD_NUMBER: _builtins.int
+    TASK_STATE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    progress_percent: _builtins.int
+    """The task's progress after the rollback, 0–100."""
+    task_state: _resources_pb2_1.TaskState.ValueType
+    """The task's state now. A CANCELLING or CANCELLED task cannot be rolled back."""
+    version: _builtins.str
+    """Opaque version of the task's subtask states and the mark: it changes whenever the plan could change."""
+    @_builtins.property
+    def reset_subtasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The subtasks of the task's DAG (its own and, with voting, the competing solutions made at creation; not
+        corrections or reviews) that go back to PENDING or READY: the ones that left PENDING/READY and are not kept by
+        the mark. `tasks/{task}/subtasks/{subtask}`.
+        """
+
+    @_builtins.property
+    def cancelled_subtasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Of those, the ones an agent runs now (ASSIGNED or RUNNING), whose attempts are cancelled."""
+
+    @_builtins.property
+    def excused_subtasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Corrections and reviews made for the reset subtasks: they are cancelled and no longer count for the task's
+        outcome.
+        """
+
+    @_builtins.property
+    def completed_subtasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The subtasks the mark keeps: succeeded when the task first paused at the checkpoint (or held there and
+        succeeded since), and still succeeded now.
+        """
+
+    @_builtins.property
+    def attempts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """The attempt each reset and excused subtask is at now, by name: results of these attempts or earlier are
+        superseded by the rollback.
+        """
+
+    def __init__(
+        self,
+        *,
+        reset_subtasks: _abc.Iterable[_builtins.str] | None = ...,
+        cancelled_subtasks: _abc.Iterable[_builtins.str] | None = ...,
+        excused_subtasks: _abc.Iterable[_builtins.str] | None = ...,
+        completed_subtasks: _abc.Iterable[_builtins.str] | None = ...,
+        progress_percent: _builtins.int = ...,
+        task_state: _resources_pb2_1.TaskState.ValueType = ...,
+        version: _builtins.str = ...,
+        attempts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancelled_subtasks", b"cancelled_subtasks", "completed_subtasks", b"completed_subtasks", "excused_subtasks", b"excused_subtasks", "progress_percent", b"progress_percent", "reset_subtasks", b"reset_subtasks", "task_state", b"task_state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRollbackPlanResponse: _TypeAlias = GetRollbackPlanResponse  # noqa: Y015

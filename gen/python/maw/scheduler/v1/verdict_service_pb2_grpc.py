@@ -48,6 +48,11 @@ class VerdictServiceStub:
                 request_serializer=maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.DeliverVerdictsRequest.SerializeToString,
                 response_deserializer=maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.DeliverVerdictsResponse.FromString,
                 _registered_method=True)
+        self.GetRollbackPlan = channel.unary_unary(
+                '/maw.scheduler.v1.VerdictService/GetRollbackPlan',
+                request_serializer=maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.GetRollbackPlanRequest.SerializeToString,
+                response_deserializer=maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.GetRollbackPlanResponse.FromString,
+                _registered_method=True)
 
 
 class VerdictServiceServicer:
@@ -70,6 +75,15 @@ class VerdictServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRollbackPlan(self, request, context):
+        """Reads what a rollback of the task to one of its checkpoints would change, from the subtask states the
+        scheduler holds now and the mark it recorded when it first paused the task at that checkpoint. Changes
+        nothing. NOT_FOUND for an unknown task; FAILED_PRECONDITION when the task never paused at the checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VerdictServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +91,11 @@ def add_VerdictServiceServicer_to_server(servicer, server):
                     servicer.DeliverVerdicts,
                     request_deserializer=maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.DeliverVerdictsRequest.FromString,
                     response_serializer=maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.DeliverVerdictsResponse.SerializeToString,
+            ),
+            'GetRollbackPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollbackPlan,
+                    request_deserializer=maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.GetRollbackPlanRequest.FromString,
+                    response_serializer=maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.GetRollbackPlanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -115,6 +134,33 @@ class VerdictService:
             '/maw.scheduler.v1.VerdictService/DeliverVerdicts',
             maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.DeliverVerdictsRequest.SerializeToString,
             maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.DeliverVerdictsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollbackPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maw.scheduler.v1.VerdictService/GetRollbackPlan',
+            maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.GetRollbackPlanRequest.SerializeToString,
+            maw_dot_scheduler_dot_v1_dot_verdict__service__pb2.GetRollbackPlanResponse.FromString,
             options,
             channel_credentials,
             insecure,

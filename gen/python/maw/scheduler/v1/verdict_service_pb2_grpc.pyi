@@ -46,6 +46,11 @@ class VerdictServiceStub:
     """Delivers a batch of verdicts. Each is acknowledged separately (APPLIED, DUPLICATE, STALE or REJECTED);
     only a transport or server failure fails the call, in which case the whole batch is retried.
     """
+    GetRollbackPlan: _grpc.UnaryUnaryMultiCallable[_verdict_service_pb2.GetRollbackPlanRequest, _verdict_service_pb2.GetRollbackPlanResponse]
+    """Reads what a rollback of the task to one of its checkpoints would change, from the subtask states the
+    scheduler holds now and the mark it recorded when it first paused the task at that checkpoint. Changes
+    nothing. NOT_FOUND for an unknown task; FAILED_PRECONDITION when the task never paused at the checkpoint.
+    """
 
 @_typing.type_check_only
 class VerdictServiceAsyncStub(VerdictServiceStub):
@@ -64,6 +69,11 @@ class VerdictServiceAsyncStub(VerdictServiceStub):
     DeliverVerdicts: _aio.UnaryUnaryMultiCallable[_verdict_service_pb2.DeliverVerdictsRequest, _verdict_service_pb2.DeliverVerdictsResponse]  # type: ignore[assignment]
     """Delivers a batch of verdicts. Each is acknowledged separately (APPLIED, DUPLICATE, STALE or REJECTED);
     only a transport or server failure fails the call, in which case the whole batch is retried.
+    """
+    GetRollbackPlan: _aio.UnaryUnaryMultiCallable[_verdict_service_pb2.GetRollbackPlanRequest, _verdict_service_pb2.GetRollbackPlanResponse]  # type: ignore[assignment]
+    """Reads what a rollback of the task to one of its checkpoints would change, from the subtask states the
+    scheduler holds now and the mark it recorded when it first paused the task at that checkpoint. Changes
+    nothing. NOT_FOUND for an unknown task; FAILED_PRECONDITION when the task never paused at the checkpoint.
     """
 
 class VerdictServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -86,6 +96,17 @@ class VerdictServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_verdict_service_pb2.DeliverVerdictsResponse, _abc.Awaitable[_verdict_service_pb2.DeliverVerdictsResponse]]:
         """Delivers a batch of verdicts. Each is acknowledged separately (APPLIED, DUPLICATE, STALE or REJECTED);
         only a transport or server failure fails the call, in which case the whole batch is retried.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRollbackPlan(
+        self,
+        request: _verdict_service_pb2.GetRollbackPlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_verdict_service_pb2.GetRollbackPlanResponse, _abc.Awaitable[_verdict_service_pb2.GetRollbackPlanResponse]]:
+        """Reads what a rollback of the task to one of its checkpoints would change, from the subtask states the
+        scheduler holds now and the mark it recorded when it first paused the task at that checkpoint. Changes
+        nothing. NOT_FOUND for an unknown task; FAILED_PRECONDITION when the task never paused at the checkpoint.
         """
 
 def add_VerdictServiceServicer_to_server(servicer: VerdictServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,206 @@
+"""Rolling a task back to a checkpoint: the evaluator's half (CheckpointService.PreviewRollback and
+RollbackToCheckpoint).
+
+The scheduler knows the subtasks' states and the mark it recorded when it first paused the task at the
+checkpoint, so it plans what resets (VerdictService.GetRollbackPlan, read only). The evaluator adds what it knows:
+the checkpoints opened after this one (closed: CANCELLED if still OPEN, kept in history if decided; this one too
+while it is OPEN) and the evaluations of the reset subtasks made since it opened (superseded). The preview's
+etag hashes the checkpoint's etag with the plan's version, so any change of the checkpoint or of the task's
+subtasks changes it.
+
+The rollback itself, in one transaction: close those checkpoints, stamp this one's ``rollback_time`` (new etag,
+``completed_subtasks`` = what the mark keeps), reset the correction cycles of the reset subtasks (their history
+stays), drop their results still waiting to be judged, remember the attempts they are at (``superseded_attempts``:
+a result of such an attempt that the scheduler commits before it applies the verdict is never judged), and put
+the Rollback verdict (with the reset subtasks listed) and a ``checkpoint.rolled_back`` activity entry in the
+outbox. The scheduler applies the verdict (services/scheduler/rollback.py). A retry with the same request id
+returns the first answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from maw.evaluator.v1 import checkpoint_service_pb2 as cpb
+from maw.evaluator.v1 import resources_pb2 as epb
+from maw.registry.v1 import activity_intake_service_pb2 as aipb
+from maw.scheduler.v1 import resources_pb2 as spb
+from maw.scheduler.v1 import verdict_service_pb2 as vpb
+from maw.scheduler.v1 import verdict_service_pb2_grpc as vpb_grpc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.runtime import invalid_argument
+from services.runtime.errors import MawError, failed_precondition, not_found, unavailable
+from services.runtime.internal import internal_channel
+
+from . import store, voting
+from .judge import new_verdict, now_ts, task_id_of
+from .settings import EvaluatorSettings
+
+METHOD = "RollbackToCheckpoint"
+_CANCELLED = (spb.TASK_STATE_CANCELLING, spb.TASK_STATE_CANCELLED)
+Activity = Callable[..., aipb.ActivityRecord]
+
+
+async def plan_of(settings: EvaluatorSettings, cp: epb.Checkpoint) -> vpb.GetRollbackPlanResponse:
+    """The scheduler's plan for rolling ``cp``'s task back to it; FAILED_PRECONDITION for a cancelled task."""
+    async with internal_channel(settings, settings.scheduler_addr) as channel:
+        stub: vpb_grpc.VerdictServiceAsyncStub = vpb_grpc.VerdictServiceStub(channel)
+        try:
+            plan = await stub.GetRollbackPlan(vpb.GetRollbackPlanRequest(task=cp.task, checkpoint=cp.name), timeout=15)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise failed_precondition(
+                    "NOT_PAUSED_YET", cp.name, "the task has not paused at this checkpoint yet; try again shortly"
+                ) from exc
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise not_found("maw.scheduler.v1.Task", cp.task) from exc
+            raise unavailable(f"the scheduler could not plan the rollback ({exc.code().name})") from exc
+    if plan.task_state in _CANCELLED:
+        raise failed_precondition("TASK_CANCELLED", cp.task, "the task was cancelled; it cannot be rolled back")
+    return plan
+
+
+def etag_of(cp: epb.Checkpoint, plan: vpb.GetRollbackPlanResponse) -> str:
+    """The preview's etag: changes with the checkpoint (its etag) and with the task's subtasks (the plan)."""
+    return hashlib.sha256(f"{cp.etag}|{plan.version}".encode()).hexdigest()[:20]
+
+
+async def _later(conn: AsyncConnection, ident: str, cp: epb.Checkpoint, lock: bool) -> list[tuple[str, bytes]]:
+    """(id, body) of the task's checkpoints opened after ``cp``, oldest first."""
+    rows = await conn.execute(
+        text(
+            "SELECT id, body FROM checkpoints WHERE task_id = :t AND id <> :i"
+            " AND create_time > (SELECT create_time FROM checkpoints WHERE id = :i) ORDER BY create_time, id"
+            + (" FOR UPDATE" if lock else "")
+        ),
+        {"t": task_id_of(cp.task), "i": ident},
+    )
+    return [(str(r[0]), bytes(r[1])) for r in rows]
+
+
+async def effect_of(
+    conn: AsyncConnection, ident: str, cp: epb.Checkpoint, plan: vpb.GetRollbackPlanResponse, lock: bool = False
+) -> tuple[cpb.RollbackEffect, list[tuple[str, bytes]]]:
+    """What the rollback changes, and the later checkpoints' rows (for closing them)."""
+    later = await _later(conn, ident, cp, lock)
+    closed = ([cp.name] if cp.state == epb.CHECKPOINT_STATE_OPEN else []) + [
+        epb.Checkpoint.FromString(body).name for _, body in later
+    ]
+    superseded = await conn.execute(
+        text(
+            "SELECT id FROM evaluations WHERE task_id = :t AND root = ANY(:r)"
+            " AND create_time >= (SELECT create_time FROM checkpoints WHERE id = :i) ORDER BY create_time, id"
+        ),
+        {"t": task_id_of(cp.task), "r": list(plan.reset_subtasks), "i": ident},
+    )
+    effect = cpb.RollbackEffect(
+        reset_subtasks=plan.reset_subtasks,
+        cancelled_subtasks=plan.cancelled_subtasks,
+        closed_checkpoints=closed,
+        superseded_evaluations=[f"evaluations/{r[0]}" for r in superseded],
+        progress_percent=plan.progress_percent,
+        excused_subtasks=plan.excused_subtasks,
+    )
+    return effect, later
+
+
+async def preview(
+    db: AsyncEngine, settings: EvaluatorSettings, ident: str, request: cpb.PreviewRollbackRequest
+) -> cpb.PreviewRollbackResponse:
+    """CheckpointService.PreviewRollback: the effect and its etag; changes nothing."""
+    async with db.connect() as conn:
+        body = await store.get_checkpoint(conn, ident)
+    if body is None:
+        raise not_found("maw.evaluator.v1.Checkpoint", request.name)
+    cp = epb.Checkpoint.FromString(body)
+    plan = await plan_of(settings, cp)
+    async with db.connect() as conn:
+        effect, _ = await effect_of(conn, ident, cp, plan)
+    return cpb.PreviewRollbackResponse(effect=effect, etag=etag_of(cp, plan))
+
+
+async def roll_back(
+    db: AsyncEngine, settings: EvaluatorSettings, ident: str, request: cpb.RollbackToCheckpointRequest,
+    caller: str, activity: Activity,
+) -> cpb.RollbackToCheckpointResponse:  # fmt: skip
+    """CheckpointService.RollbackToCheckpoint (``activity`` makes the activity record, as for decisions)."""
+    problems = []
+    if len(request.comment) > 2000:
+        problems.append(("comment", "at most 2000 characters"))
+    if len(request.request_id) > 128:
+        problems.append(("request_id", "at most 128 characters"))
+    if problems:
+        raise invalid_argument(problems)
+    async with db.connect() as conn:
+        if request.request_id and (earlier := await store.remembered(conn, METHOD, caller, request.request_id)):
+            return cpb.RollbackToCheckpointResponse.FromString(earlier)
+        body = await store.get_checkpoint(conn, ident)
+    if body is None:
+        raise not_found("maw.evaluator.v1.Checkpoint", request.name)
+    plan = await plan_of(settings, epb.Checkpoint.FromString(body))
+    async with db.begin() as conn:
+        if request.request_id and (earlier := await store.remembered(conn, METHOD, caller, request.request_id)):
+            return cpb.RollbackToCheckpointResponse.FromString(earlier)
+        task_id = task_id_of(epb.Checkpoint.FromString(body).task)
+        # The task first, then its checkpoints: the order judging takes them in (no deadlock with it).
+        await store.get_task(conn, task_id, lock=True)
+        cp = epb.Checkpoint.FromString(await store.get_checkpoint(conn, ident, lock=True) or body)
+        if request.etag and request.etag != etag_of(cp, plan):
+            raise MawError(grpc.StatusCode.ABORTED, "the checkpoint or its task changed since the preview (etag)")
+        effect, later = await effect_of(conn, ident, cp, plan, lock=True)
+        now = now_ts()
+        for other_id, other_body in later:
+            other = epb.Checkpoint.FromString(other_body)
+            if other.state == epb.CHECKPOINT_STATE_OPEN:
+                _close(other, now)
+                await store.update_checkpoint(conn, other_id, other.state, other.SerializeToString())
+        if cp.state == epb.CHECKPOINT_STATE_OPEN:
+            _close(cp, now)
+        cp.rollback_time.CopyFrom(now)
+        cp.etag = uuid.uuid4().hex[:16]
+        cp.completed_subtasks[:] = plan.completed_subtasks
+        await store.update_checkpoint(conn, ident, cp.state, cp.SerializeToString())
+        await _forget(conn, task_id, list(plan.reset_subtasks), list(plan.excused_subtasks))
+        await store.supersede_attempts(conn, task_id, dict(plan.attempts))
+        verdict = new_verdict(cp.task, "", 0, "", "")
+        verdict.rollback.checkpoint = cp.name
+        verdict.rollback.reset_subtasks.extend(plan.reset_subtasks)
+        await store.enqueue(conn, store.VERDICTS, [(task_id, verdict.SerializeToString())])
+        record = activity(cp, caller, "rolled_back", now, request.comment)
+        record.entry_id = f"evaluator-rollback-{ident}-{uuid.uuid4().hex[:12]}"
+        resets = len(plan.reset_subtasks)
+        record.entry.summary = (f"{caller} rolled {cp.task} back to {cp.name} ({resets} subtasks reset)"
+                                + (f": {request.comment}" if request.comment else ""))[:2000]  # fmt: skip
+        await store.enqueue(conn, store.ACTIVITY, [(task_id, record.SerializeToString())])
+        response = cpb.RollbackToCheckpointResponse(checkpoint=cp, effect=effect)
+        if request.request_id:
+            await store.remember(conn, METHOD, caller, request.request_id, response.SerializeToString())
+    return response
+
+
+def _close(cp: epb.Checkpoint, when: Any) -> None:
+    cp.state = epb.CHECKPOINT_STATE_CANCELLED
+    cp.close_time.CopyFrom(when)
+    cp.etag = uuid.uuid4().hex[:16]
+
+
+async def _forget(conn: AsyncConnection, task_id: str, reset: list[str], excused: list[str]) -> None:
+    """Correction cycles of reset subtasks start again (their feedback stays, as history); their results and
+    those of the cancelled extras that wait to be judged are dropped (the scheduler would find them STALE)."""
+    await conn.execute(
+        text("UPDATE corrections SET cycles = 0 WHERE task_id = :t AND root = ANY(:r)"), {"t": task_id, "r": reset}
+    )
+    await conn.execute(
+        text("UPDATE results SET done = true WHERE task_id = :t AND subtask = ANY(:s) AND NOT done"),
+        {"t": task_id, "s": reset + excused},
+    )
+    await voting.forget_rounds(conn, task_id, reset)  # the reset solutions vote again, in a new round
+
+
+__all__ = ["effect_of", "etag_of", "plan_of", "preview", "roll_back"]
