@@ -1,5 +1,5 @@
 // A person decides a checkpoint in headless Chromium (driven by tests/e2e/test_dashboard.py): the task's page
-// says it waits at a checkpoint, the link leads to the inbox, a revision without words gets the server's field
+// says it waits at a checkpoint, the link leads to the inbox (scores per dimension with their evidence), a revision without words gets the server's field
 // message next to the feedback box, a revision with words is sent, and the task's page then shows it moving
 // on to done. Prints {"result": {...}} (or {"error": ...}); screenshots go to $MAW_ARTIFACTS.
 import { launch, text, waitFor } from "./browser.mjs";
@@ -33,6 +33,8 @@ try {
   await page.click(`[data-testid=checkpoints] button[data-checkpoint="${checkpoint}"]`);
   await waitFor(page, "[data-testid=decide] .subject");
   result.subject = await text(page, "[data-testid=decide] .subject");
+  result.dimensions = await text(page, "[data-testid=decide] [data-testid=dimensions]");
+  result.verdict = await text(page, "[data-testid=decide] [data-testid=verdict]");
 
   // A revision needs words: the server says so, next to the feedback box, and nothing is decided.
   await page.getByLabel("Ask for a revision").check();

@@ -269,6 +269,10 @@ async def test_a_person_decides_a_checkpoint_in_the_inbox_and_the_task_moves_on(
             assert result["task_state_before"] == "waiting_checkpoint"
             assert "checkpoint" in result["notice"].lower()
             assert "def handler(x)" in result["subject"]
+            # Every dimension with its score or "not measured", the evidence behind a weak one, and the verdict.
+            assert "security" in result["dimensions"] and "not measured" in result["dimensions"]
+            assert "(bandit)" in result["dimensions"] or "(secrets)" in result["dimensions"], result["dimensions"]
+            assert "escalate" in result["verdict"] and "earlier evaluation(s)" in result["subject"]
             # A revision without words: the server's field message next to the feedback, nothing decided.
             assert "feedback" in result["feedback_error"].lower(), "the server's message for `feedback` must show"
             assert result["still_listed"]
@@ -291,3 +295,92 @@ async def test_a_person_decides_a_checkpoint_in_the_inbox_and_the_task_moves_on(
             await agent.stop()
     for name in ("checkpoint-task-waiting", "checkpoint-feedback-error", "checkpoint-decided", "checkpoint-task-done"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 0
+
+
+async def test_a_person_previews_and_rolls_back_to_an_earlier_checkpoint_in_the_browser(
+    gateway: str, mesh: Mesh, registry: grpc.aio.Channel, admin: Metadata
+) -> None:
+    from maw.common.v1 import machine_pb2, work_pb2
+    from maw.evaluator.v1 import checkpoint_service_pb2 as cpb
+    from maw.evaluator.v1 import checkpoint_service_pb2_grpc as cpb_grpc
+    from maw.evaluator.v1 import resources_pb2 as epb
+    from maw.scheduler.v1 import resources_pb2 as spb
+    from maw.scheduler.v1 import task_service_pb2 as tpb
+    from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
+
+    from tests.integration.clients import ScriptedAgent, enroll
+    from tests.integration.test_evaluator import GOOD, diff_result
+
+    claude = machine_pb2.TOOL_KIND_CLAUDE_CODE
+    label = {"suite": f"rollback-{uuid.uuid4().hex[:6]}"}
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{mesh.stack.ports.scheduler}") as scheduler,
+        grpc.aio.insecure_channel(f"127.0.0.1:{mesh.stack.ports.evaluator}") as evaluator,
+    ):
+        steps = [
+            spb.SubtaskSpec(key=f"s{i}", type=work_pb2.SUBTASK_TYPE_CODE_GENERATION,
+                            preferred_tool=machine_pb2.ToolChoice(kind=claude), dependencies=[f"s{i - 1}"] if i else [])
+            for i in range(2)
+        ]  # fmt: skip
+        policy = epb.Policy(
+            triggers=[epb.CHECKPOINT_TRIGGER_FREQUENCY], checkpoint_frequency=work_pb2.CHECKPOINT_FREQUENCY_HIGH
+        )
+        task = spb.Task(description="Add an adder (browser rollback)", policy=policy, required_labels=label)
+        created = await tpb_grpc.TaskServiceStub(scheduler).CreateTask(
+            tpb.CreateTaskRequest(task=task, graph=tpb.SubtaskGraph(subtasks=steps)), metadata=admin, timeout=10
+        )
+        name = created.task.name
+        worker, credential = await enroll(registry, admin, f"claude-{uuid.uuid4().hex[:6]}", [claude], label)
+        agent = ScriptedAgent(
+            f"127.0.0.1:{mesh.stack.ports.scheduler}", worker, credential, [claude],
+            behaviour=lambda a: diff_result(a, GOOD), labels=label,
+        )  # fmt: skip
+        await agent.start()
+        try:
+            checkpoints = cpb_grpc.CheckpointServiceStub(evaluator)
+
+            async def open_ones() -> list[epb.Checkpoint]:
+                reply = await checkpoints.ListCheckpoints(
+                    cpb.ListCheckpointsRequest(filter=f'state = OPEN AND task = "{name}"'), metadata=admin, timeout=10
+                )
+                return list(reply.checkpoints)
+
+            await eventually(open_ones, 60, "the checkpoint after s0")
+            (first,) = await open_ones()
+            await checkpoints.DecideCheckpoint(
+                cpb.DecideCheckpointRequest(name=first.name, decision=epb.CHECKPOINT_DECISION_APPROVE),
+                metadata=admin, timeout=10,
+            )  # fmt: skip
+
+            async def second() -> list[epb.Checkpoint]:
+                return [c for c in await open_ones() if c.name != first.name]
+
+            await eventually(second, 60, "the checkpoint after s1")
+            (last,) = await second()
+            final = await _node(
+                "rollback.mjs",
+                {
+                    "MAW_URL": gateway, "MAW_USER": "admin", "MAW_PASSWORD": mesh.stack.admin_password,
+                    "MAW_CHECKPOINT": last.name, "MAW_EARLIER": first.name,
+                    "MAW_ARTIFACTS": str(ARTIFACTS), "MAW_CHROMIUM": CHROMIUM,
+                },
+                120,
+            )  # fmt: skip
+            result: dict[str, Any] = final["result"]
+            history = result["history"]
+            assert "frequency: " in history and "50 % progress" in history and "approved" in history
+            assert "Resets s1" in result["preview"] and "closes 1 checkpoint(s)" in result["preview"], result
+            assert "Rolled back" in result["rolled_back"]
+            assert result["page_errors"] == []
+
+            async def get(checkpoint: epb.Checkpoint) -> epb.Checkpoint:
+                request = cpb.GetCheckpointRequest(name=checkpoint.name)
+                return (await checkpoints.GetCheckpoint(request, metadata=admin, timeout=10)).checkpoint
+
+            assert (await get(first)).HasField("rollback_time")
+            assert (await get(last)).state == epb.CHECKPOINT_STATE_CANCELLED, "the later checkpoint closed"
+            await eventually(lambda: [a.key for a in agent.assignments].count("s1") == 2, 60, "s1 to run again")
+        finally:
+            await agent.stop()
+    for shot in ("rollback-preview", "rollback-done"):
+        assert (ARTIFACTS / f"{shot}.png").stat().st_size > 0

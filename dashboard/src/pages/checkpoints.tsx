@@ -1,5 +1,6 @@
 // Checkpoint inbox: open checkpoints, each with what it is about, and the decision form (approve, reject,
-// or ask for a revision with feedback). Degrades to a clear notice while the evaluator lacks the RPCs.
+// or ask for a revision with feedback, for the task's future subtasks too), with the scores, reviews, voting
+// round and rollback of earlier checkpoints (judgement.tsx). Degrades to a notice while the evaluator lacks them.
 import { useEffect, useState } from "preact/hooks";
 import { checkpoints } from "../api.js";
 import { isUnimplemented, problem, type Problem } from "../errors.js";
@@ -8,6 +9,7 @@ import { FeedbackType } from "../gen/maw/common/v1/work_pb.js";
 import { CheckpointDecision, CheckpointTrigger, type Checkpoint } from "../gen/maw/evaluator/v1/resources_pb.js";
 import type { GetCheckpointResponse } from "../gen/maw/evaluator/v1/checkpoint_service_pb.js";
 import { ErrorBanner, FieldError, Loading } from "../ui.js";
+import { History, Solutions, Subject } from "./judgement.js";
 
 const REFRESH_MS = 3000;
 const DECISIONS = [
@@ -93,6 +95,8 @@ function Decide({ name, onDone }: { name: string; onDone: () => void }) {
   const [feedbackType, setFeedbackType] = useState(FeedbackType.OTHER);
   const [text, setText] = useState("");
   const [comment, setComment] = useState("");
+  const [future, setFuture] = useState(false);
+  const [solution, setSolution] = useState("");
   const [err, setErr] = useState<Problem>();
   const [busy, setBusy] = useState(false);
 
@@ -110,6 +114,8 @@ function Decide({ name, onDone }: { name: string; onDone: () => void }) {
         decision,
         feedback: text.trim() ? [{ type: feedbackType, text }] : [],
         comment,
+        applyToFuture: decision === CheckpointDecision.CORRECT && future,
+        selectedSolution: solution,
         etag: detail?.checkpoint?.etag ?? "",
         requestId: crypto.randomUUID(),
       });
@@ -126,14 +132,9 @@ function Decide({ name, onDone }: { name: string; onDone: () => void }) {
       <h2>{detail?.checkpoint?.reason ?? leaf(name)}</h2>
       <ErrorBanner problem={err} />
       {!detail && !err && <Loading />}
-      {detail?.subjects.map((s) => (
-        <div class="subject">
-          <h3>{s.displayName || leaf(s.subtask)}</h3>
-          <p>{s.summary}</p>
-          {s.evaluation && <p>Score {s.evaluation.overallScore.toFixed(1)}</p>}
-          {s.diff?.unifiedDiff && <pre class="diff">{s.diff.unifiedDiff}</pre>}
-        </div>
-      ))}
+      {detail?.subjects.map((s) => <Subject key={s.subtask} s={s} />)}
+      {detail?.votingRound && <Solutions round={detail.votingRound} chosen={solution} onChoose={setSolution} />}
+      <FieldError problem={err} field="selected_solution" />
       <fieldset>
         <legend>Decision</legend>
         {DECISIONS.map(([d, label]) => (
@@ -157,6 +158,10 @@ function Decide({ name, onDone }: { name: string; onDone: () => void }) {
         <textarea name="feedback" rows={3} value={text} onInput={(e) => setText(e.currentTarget.value)} />
         <FieldError problem={err} field="feedback" prefix />
       </label>
+      <label class="inline">
+        <input type="checkbox" name="apply-to-future" checked={future} onChange={(e) => setFuture(e.currentTarget.checked)} />
+        Also give this feedback to the task's subtasks that have not run yet
+      </label>
       <label>
         Comment
         <input name="comment" value={comment} onInput={(e) => setComment(e.currentTarget.value)} />
@@ -165,6 +170,7 @@ function Decide({ name, onDone }: { name: string; onDone: () => void }) {
       <button type="submit" disabled={busy}>
         {busy ? "Sending…" : "Decide"}
       </button>
+      {detail && <History items={detail.history} />}
     </form>
   );
 }
