@@ -1,4 +1,5 @@
-"""kill -9 of the evaluator between receiving a result and its verdict being acknowledged: exactly once.
+"""kill -9 of the evaluator between receiving a result and its verdict being acknowledged: exactly once;
+kill -9 of the scheduler while results wait in its outbox for the evaluator: nothing lost, nothing doubled.
 
 The evaluator runs as its own process (the session stack's); the test restarts it with the TEST ONLY
 setting MAW_TEST_HOLD_VERDICTS (services/evaluator/settings.py), which parks the verdict relay either
@@ -36,21 +37,25 @@ async def agents() -> AsyncIterator[list[ScriptedAgent]]:
 
 async def _restart_evaluator(stack: Stack, hold: str = "") -> None:
     stack.children.pop("evaluator").kill()
+    await _start(stack, "evaluator", stack.ports.evaluator, hold)
+
+
+async def _start(stack: Stack, name: str, port: int, hold: str = "") -> None:
     saved = dict(stack.extra_env)
     if hold:
         stack.extra_env["MAW_TEST_HOLD_VERDICTS"] = hold
     try:
         for attempt in range(3):
-            stack.start_service("evaluator", wait=False)  # forked from the loop's thread, never a worker thread
+            stack.start_service(name, wait=False)  # forked from the loop's thread, never a worker thread
             try:
-                await asyncio.to_thread(stack.wait_serving, "evaluator", stack.ports.evaluator)
+                await asyncio.to_thread(stack.wait_serving, name, port)
                 return
             except RuntimeError:
                 # Forking this many-threaded test process (gRPC) rarely crashes the child before exec
-                # (SIGSEGV in preexec_fn); that is the harness, not the evaluator: spawn it again.
+                # (SIGSEGV in preexec_fn); that is the harness, not the service: spawn it again.
                 if attempt == 2:
                     raise
-                stack.children.pop("evaluator").stop()
+                stack.children.pop(name).stop()
     finally:
         stack.extra_env = saved
 
@@ -107,3 +112,36 @@ def _corrections(stack: Stack, task_id: str) -> int:
     count = rows[0][0]
     assert isinstance(count, int)
     return count
+
+
+@pytest.mark.slow
+async def test_results_awaiting_evaluation_survive_kill_9_of_the_scheduler_and_apply_once(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, agents: list[ScriptedAgent]
+) -> None:
+    stack.children.pop("evaluator").kill()  # away: the committed result waits in the scheduler's outbox
+    try:
+        await start_agent(stack, channels, admin, agents, scripted([WEAK]))
+        name = await create(channels, admin)
+        task_id = name.removeprefix("tasks/")
+
+        def waits_in_outbox() -> bool:
+            return bool(_query(stack, "SELECT 1 FROM scheduler.evaluation_outbox WHERE task_id = %s", task_id))
+
+        await eventually(waits_in_outbox, 30, "the result in the scheduler's evaluation outbox")
+        stack.children.pop("scheduler").kill()
+        await _start(stack, "scheduler", stack.ports.scheduler)
+        assert waits_in_outbox(), "the outbox row survived kill -9"
+    finally:
+        await _start(stack, "evaluator", stack.ports.evaluator)
+    await start_agent(stack, channels, admin, agents, scripted([GOOD]))  # the first agent's stream died with it
+
+    async def succeeded() -> bool:
+        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
+
+    await eventually(succeeded, 45, "the task to finish after both restarts")
+    assert _corrections(stack, task_id) == 1, "the weak result was judged once: one correction"
+    judged = _query(stack, "SELECT count(*) FROM evaluator.results WHERE task_id = %s", task_id)
+    assert judged == [(2,)], "the original result and the correction's, each received once"
+    applied = _query(stack, "SELECT disposition FROM scheduler.applied_verdicts WHERE task_id = %s", task_id)
+    assert applied == [(1,), (1,)], "CORRECT then ACCEPT, each applied once"
+    assert not waits_in_outbox() and not _query(stack, "SELECT 1 FROM evaluator.outbox WHERE task_id = %s", task_id)
