@@ -946,9 +946,10 @@ class Engine:
             late = [(r, why) for r, why in await store.overdue(conn) if (r.task_id, r.key) not in seen]
             counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
             again, failed = [], []
-            # ERROR trigger: a judged attempt that ends for good without a result is held like a failed result.
+            # ERROR trigger: a judged subtask that ends for good without a result (its lease expired on the last
+            # attempt, or a time limit broke, queue-wait included: it never ran) is held like a failed result.
             holding = await error_holds(conn, {r.task_id for r in [*expired, *(o for o, _ in late)]
-                                               if r.state in LEASED and is_judged(r.tool)})  # fmt: skip
+                                               if is_judged(r.tool or r.tool_kind)})  # fmt: skip
             on_hold: list[dict[str, Any]] = []
             lost_results: list[dict[str, Any]] = []
             judged: list[tuple[str, str, int, str]] = []
@@ -957,8 +958,8 @@ class Engine:
                 # A REVIEW subtask is always held, even one that never ran (queue-wait limit): the evaluator
                 # records the failed review, so the reviewed result is not left waiting for it. So is a voting
                 # solution, so its round is not left waiting for it.
-                if not (row.review_of or row.solution_of) and (row.task_id not in holding or row.state not in LEASED
-                                                               or not is_judged(row.tool)):  # fmt: skip
+                always = bool(row.review_of or row.solution_of)
+                if not always and (row.task_id not in holding or not is_judged(row.tool or row.tool_kind)):
                     return False
                 if any(h["task_id"] == row.task_id and h["key"] == row.key for h in on_hold):
                     return True  # both expired and overdue: held once

@@ -268,7 +268,7 @@ class _Applier:
                 ),
                 {"s": int(S.WAITING_CHECKPOINT), "c": checkpoint, "t": row.task_id, "k": row.key},
             )
-        elif task.state == T.PENDING:  # a whole-task pause before anything ran (MANUAL, TIME_BUDGET)
+        if task.state == T.PENDING:  # paused before anything ran (MANUAL, TIME_BUDGET, or a queue-wait ERROR)
             self.move_task(task, T.RUNNING, "paused before its first assignment")
         if task.state != T.WAITING_CHECKPOINT:
             self.move_task(task, T.WAITING_CHECKPOINT, self.v.pause.reason)

@@ -187,3 +187,39 @@ async def test_a_subtask_past_its_total_time_limit_waits_at_an_error_checkpoint(
 
     await eventually(waits, 10, "the task to wait instead of failing")
     assert (await subtasks(channels, admin, name))["s0"].state == spb.SUBTASK_STATE_WAITING_CHECKPOINT
+
+
+async def test_a_subtask_no_agent_takes_within_its_queue_wait_limit_waits_at_an_error_checkpoint(
+    stack: Stack, channels: dict[str, grpc.aio.Channel], admin: Metadata, agents: list[ScriptedAgent],
+    operator_token: str,
+) -> None:  # fmt: skip
+    limits = work_pb2.TimeLimits()
+    limits.queue_wait.FromTimedelta(timedelta(seconds=1))
+    held = await create(channels, admin, f"nobody-{uuid.uuid4().hex[:6]}", ERROR_POLICY, limits)  # no agent has it
+    failing = await create(channels, admin, f"nobody-{uuid.uuid4().hex[:6]}", None, limits)  # no ERROR trigger
+    await eventually(lambda: open_one(channels, admin, held), 30, "the ERROR checkpoint")
+    (cp,) = await open_one(channels, admin, held)
+    assert cp.trigger == epb.CHECKPOINT_TRIGGER_ERROR and cp.subtasks == [f"{held}/subtasks/s0"]
+    assert "queue-wait time limit reached" in cp.reason, cp.reason
+
+    async def waits() -> bool:
+        return await task_state(channels, admin, held) == spb.TASK_STATE_WAITING_CHECKPOINT
+
+    await eventually(waits, 10, "the task that never started to wait instead of failing")
+    assert (await subtasks(channels, admin, held))["s0"].state == spb.SUBTASK_STATE_WAITING_CHECKPOINT
+
+    async def failed() -> bool:
+        return await task_state(channels, admin, failing) == spb.TASK_STATE_FAILED
+
+    await eventually(failed, 30, "the task without the trigger to fail at once")
+    assert await open_one(channels, admin, failing) == []
+
+    await cpb_grpc.CheckpointServiceStub(channels["evaluator"]).DecideCheckpoint(
+        cpb.DecideCheckpointRequest(name=cp.name, decision=epb.CHECKPOINT_DECISION_APPROVE),
+        metadata=bearer(operator_token), timeout=10,
+    )  # fmt: skip
+
+    async def accepted_failure() -> bool:
+        return await task_state(channels, admin, held) == spb.TASK_STATE_FAILED
+
+    await eventually(accepted_failure, 30, "approving to accept the failure")
