@@ -6,11 +6,12 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -20,11 +21,24 @@ _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
+# util-linux's setpriv arms the parent-death signal in the child itself, before it execs the command, so no
+# Python code runs between fork and exec: forking this many-threaded process (gRPC, SQLAlchemy pools) with a
+# preexec_fn sometimes crashed the child (SIGSEGV) before exec. Without setpriv, the preexec_fn is the fallback.
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent(sig: int) -> None:
     # Linux: the kernel signals the child when the supervisor dies, even by kill -9, so nothing is
     # orphaned. Elsewhere this is a no-op and the supervisor's own stop() is the only cleanup.
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def _dying_with_parent(argv: Sequence[str], sig: int) -> tuple[list[str], Callable[[], None] | None]:
+    """``argv`` and the preexec_fn that make the child get ``sig`` when its supervisor dies."""
+    if _SETPRIV is not None:
+        return [_SETPRIV, "--pdeathsig", signal.Signals(sig).name, "--", *argv], None
+    return list(argv), lambda: _die_with_parent(sig)
 
 
 class Child:
@@ -48,16 +62,16 @@ class Child:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self._log_file = log_path.open("ab")
+        command, preexec = _dying_with_parent(argv, death_signal)
         self.proc = subprocess.Popen(
-            list(argv),
+            command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
-            # Only one async-signal-safe libc call runs between fork and exec (see _LIBC).
-            preexec_fn=lambda: _die_with_parent(death_signal),  # noqa: PLW1509
+            preexec_fn=preexec,  # noqa: PLW1509 (None with setpriv)
             user=user,
             group=user,
             extra_groups=[] if user else None,  # see stack._groups
