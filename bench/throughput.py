@@ -68,7 +68,8 @@ class Sampler:
     def _cpu(proc: psutil.Process) -> float:
         try:
             total = proc.cpu_times()
-            value = total.user + total.system
+            # Children that exited and were reaped (PostgreSQL backends) count in children_*; live ones below.
+            value = total.user + total.system + total.children_user + total.children_system
             for child in proc.children(recursive=True):
                 t = child.cpu_times()
                 value += t.user + t.system
