@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from deploy.local import Endpoints, Stack
+from tests.integration.clients import Metadata, ScriptedAgent, login
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +97,18 @@ async def operator_token(channels: dict[str, grpc.aio.Channel], admin_token: str
 async def viewer_token(channels: dict[str, grpc.aio.Channel], admin_token: str) -> str:
     """An access token of a user with role viewer."""
     return await _user_token(channels, admin_token, "fixture-viewer", 1)
+
+
+@pytest.fixture(scope="module")
+async def admin(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> Metadata:
+    """Call metadata of the first admin, signed in once per module."""
+    return await login(channels["registry"], "admin", stack.admin_password)
+
+
+@pytest.fixture
+async def agents() -> AsyncIterator[list[ScriptedAgent]]:
+    """The protocol-level agents a test starts (append them); each is stopped when the test ends."""
+    started: list[ScriptedAgent] = []
+    yield started
+    for agent in started:
+        await agent.stop()

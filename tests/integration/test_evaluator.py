@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -26,7 +26,7 @@ from maw.scheduler.v1 import verdict_service_pb2_grpc as vpb_grpc
 
 from deploy.local import Stack
 from services.runtime.errors import details_from_trailers
-from tests.integration.clients import Metadata, ScriptedAgent, bearer, enroll, eventually, login
+from tests.integration.clients import Metadata, ScriptedAgent, bearer, enroll, eventually
 
 CLAUDE = machine_pb2.TOOL_KIND_CLAUDE_CODE
 
@@ -79,19 +79,6 @@ def scripted(diffs: list[str]) -> Callable[[apb.Assignment], apb.Result]:
         return diff_result(assignment, diffs[min(len(calls), len(diffs)) - 1])
 
     return behaviour
-
-
-@pytest.fixture(scope="module")
-async def admin(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> Metadata:
-    return await login(channels["registry"], "admin", stack.admin_password)
-
-
-@pytest.fixture
-async def agents() -> AsyncIterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        await agent.stop()
 
 
 async def start_agent(

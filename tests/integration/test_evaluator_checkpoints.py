@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -19,23 +19,10 @@ from maw.scheduler.v1 import task_service_pb2 as tpb
 from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 
 from deploy.local import Stack
-from tests.integration.clients import Metadata, ScriptedAgent, bearer, enroll, eventually, login
+from tests.integration.clients import Metadata, ScriptedAgent, bearer, enroll, eventually
 from tests.integration.test_evaluator import GOOD, diff_result, subtasks, task_state, violations
 
 CLAUDE = machine_pb2.TOOL_KIND_CLAUDE_CODE
-
-
-@pytest.fixture(scope="module")
-async def admin(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> Metadata:
-    return await login(channels["registry"], "admin", stack.admin_password)
-
-
-@pytest.fixture
-async def agents() -> AsyncIterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        await agent.stop()
 
 
 async def start_agent(

@@ -10,7 +10,6 @@ test kills it -9 right there, starts it normally, and checks the verdict took ef
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import grpc
 import psycopg
@@ -18,21 +17,8 @@ import pytest
 from maw.scheduler.v1 import resources_pb2 as spb
 
 from deploy.local import Stack
-from tests.integration.clients import Metadata, ScriptedAgent, eventually, login
+from tests.integration.clients import Metadata, ScriptedAgent, eventually
 from tests.integration.test_evaluator import GOOD, WEAK, create, scripted, start_agent, subtasks, task_state
-
-
-@pytest.fixture(scope="module")
-async def admin(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> Metadata:
-    return await login(channels["registry"], "admin", stack.admin_password)
-
-
-@pytest.fixture
-async def agents() -> AsyncIterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        await agent.stop()
 
 
 async def _restart_evaluator(stack: Stack, hold: str = "") -> None:

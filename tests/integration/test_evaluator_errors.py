@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import grpc
-import pytest
 from maw.agent.v1 import agent_service_pb2 as apb
 from maw.common.v1 import machine_pb2, work_pb2
 from maw.evaluator.v1 import checkpoint_service_pb2 as cpb
@@ -19,25 +17,12 @@ from maw.scheduler.v1 import task_service_pb2 as tpb
 from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 
 from deploy.local import Stack
-from tests.integration.clients import Metadata, ScriptedAgent, bearer, eventually, login
+from tests.integration.clients import Metadata, ScriptedAgent, bearer, eventually
 from tests.integration.test_evaluator import GOOD, diff_result, subtasks, task_state
 from tests.integration.test_evaluator_checkpoints import open_one, start_agent
 
 CLAUDE = machine_pb2.TOOL_KIND_CLAUDE_CODE
 ERROR_POLICY = epb.Policy(triggers=[epb.CHECKPOINT_TRIGGER_ERROR, epb.CHECKPOINT_TRIGGER_ESCALATION])
-
-
-@pytest.fixture(scope="module")
-async def admin(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> Metadata:
-    return await login(channels["registry"], "admin", stack.admin_password)
-
-
-@pytest.fixture
-async def agents() -> AsyncIterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        await agent.stop()
 
 
 def fails_first(assignment: apb.Assignment) -> apb.Result:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -24,7 +24,7 @@ from maw.scheduler.v1 import task_service_pb2 as tpb
 from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 
 from deploy.local import Stack
-from tests.integration.clients import Metadata, ScriptedAgent, bearer, enroll, eventually, login
+from tests.integration.clients import Metadata, ScriptedAgent, bearer, enroll, eventually
 
 CLAUDE, GEMINI = machine_pb2.TOOL_KIND_CLAUDE_CODE, machine_pb2.TOOL_KIND_GEMINI_CLI
 REVIEW = work_pb2.SUBTASK_TYPE_REVIEW
@@ -83,19 +83,6 @@ def reviewer(outputs: list[str]) -> Callable[[apb.Assignment], apb.Result]:
         return apb.Result(lease=assignment.lease, outcome=work_pb2.OUTCOME_SUCCEEDED, summary="reviewed", output=output)
 
     return behaviour
-
-
-@pytest.fixture(scope="module")
-async def admin(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> Metadata:
-    return await login(channels["registry"], "admin", stack.admin_password)
-
-
-@pytest.fixture
-async def agents() -> AsyncIterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        await agent.stop()
 
 
 async def start(

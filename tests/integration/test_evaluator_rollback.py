@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -19,24 +18,11 @@ from maw.scheduler.v1 import task_service_pb2 as tpb
 from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 
 from deploy.local import Stack
-from tests.integration.clients import Metadata, ScriptedAgent, bearer, eventually, login
+from tests.integration.clients import Metadata, ScriptedAgent, bearer, eventually
 from tests.integration.test_evaluator import GOOD, diff_result, evaluations, subtasks, task_state, violations
 from tests.integration.test_evaluator_checkpoints import checkpoints, create, open_one, start_agent, waits
 
 HIGH = epb.Policy(checkpoint_frequency=work_pb2.CHECKPOINT_FREQUENCY_HIGH)
-
-
-@pytest.fixture(scope="module")
-async def admin(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> Metadata:
-    return await login(channels["registry"], "admin", stack.admin_password)
-
-
-@pytest.fixture
-async def agents() -> AsyncIterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        await agent.stop()
 
 
 def states_of(subs: dict[str, spb.Subtask]) -> dict[str, tuple[int, int]]:

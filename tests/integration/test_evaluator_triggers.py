@@ -18,9 +18,7 @@ from maw.scheduler.v1 import resources_pb2 as spb
 from deploy.local import Stack
 from tests.integration.clients import Metadata, ScriptedAgent, bearer, eventually
 from tests.integration.test_evaluator import subtasks, task_state, violations
-from tests.integration.test_evaluator_checkpoints import admin, agents, create, open_one, start_agent, waits
-
-__all__ = ["admin", "agents"]  # fixtures shared with the checkpoint tests
+from tests.integration.test_evaluator_checkpoints import create, open_one, start_agent, waits
 
 PLAN = epb.CHECKPOINT_TRIGGER_AFTER_DECOMPOSITION
 FINAL = epb.CHECKPOINT_TRIGGER_BEFORE_FINAL_ACCEPT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -21,7 +21,7 @@ from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 
 from deploy.local import Stack
 from services.runtime.errors import details_from_trailers
-from tests.integration.clients import Metadata, ScriptedAgent, bearer, enroll, eventually, login
+from tests.integration.clients import Metadata, ScriptedAgent, bearer, enroll, eventually
 from tests.integration.test_evaluator_durability import _query, _restart_evaluator
 
 CLAUDE, GEMINI, SHELL = machine_pb2.TOOL_KIND_CLAUDE_CODE, machine_pb2.TOOL_KIND_GEMINI_CLI, machine_pb2.TOOL_KIND_SHELL
@@ -62,19 +62,6 @@ def by_key(diffs: dict[str, str], ranking: list[str] | None = None) -> Callable[
         )
 
     return behaviour
-
-
-@pytest.fixture(scope="module")
-async def admin(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> Metadata:
-    return await login(channels["registry"], "admin", stack.admin_password)
-
-
-@pytest.fixture
-async def agents() -> AsyncIterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        await agent.stop()
 
 
 async def start_agent(

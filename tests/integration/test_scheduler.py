@@ -20,7 +20,7 @@ from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 
 from deploy.local import Stack
 from services.runtime.errors import details_from_trailers
-from tests.integration.clients import Metadata, ScriptedAgent, enroll, eventually, login
+from tests.integration.clients import Metadata, ScriptedAgent, enroll, eventually
 
 CLAUDE, GEMINI, SHELL, TEST = (
     machine_pb2.TOOL_KIND_CLAUDE_CODE,
@@ -28,11 +28,6 @@ CLAUDE, GEMINI, SHELL, TEST = (
     machine_pb2.TOOL_KIND_SHELL,
     machine_pb2.TOOL_KIND_TEST,
 )
-
-
-@pytest.fixture(scope="module")
-async def admin(stack: Stack, channels: dict[str, grpc.aio.Channel]) -> Metadata:
-    return await login(channels["registry"], "admin", stack.admin_password)
 
 
 @pytest.fixture(scope="module")
