@@ -102,6 +102,16 @@ def problems(policy: epb.Policy, prefix: str = "policy") -> list[tuple[str, str]
     for i, kind in enumerate(policy.peer_review.subtask_types):
         if kind not in _SUBTASK_TYPES:
             found.append((f"{prefix}.peer_review.subtask_types[{i}]", "must be a subtask type other than REVIEW"))
+    voting = policy.voting  # the same bounds the scheduler applies when it adds competitors (scheduler/voting.py)
+    if not 0 <= voting.solutions <= 10:
+        found.append((f"{prefix}.voting.solutions", "must be between 0 and 10 (0 or 1: no voting)"))
+    if not 0 <= voting.reviewers <= 5:
+        found.append((f"{prefix}.voting.reviewers", "must be between 0 and 5"))
+    if voting.method not in epb.VoteMethod.values():
+        found.append((f"{prefix}.voting.method", "must be MAJORITY or WEIGHTED"))
+    for i, kind in enumerate(voting.subtask_types):
+        if kind not in _SUBTASK_TYPES:
+            found.append((f"{prefix}.voting.subtask_types[{i}]", "must be a subtask type other than REVIEW"))
     known = {*registered(), "peer-review"}
     for i, name in enumerate(policy.scorers):
         if name not in known:

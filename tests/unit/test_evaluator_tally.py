@@ -114,3 +114,27 @@ def test_the_winner_is_always_usable_and_ranked_first(
         assert next(e for e in entries if e.label == out.winner).usable
     usable_count = len(compared)
     assert all(not e.usable for e in entries if e.label in ranks(out)[usable_count:])
+
+
+def test_a_policy_with_out_of_range_voting_settings_is_refused_field_by_field() -> None:
+    from maw.common.v1 import work_pb2
+    from maw.evaluator.v1 import resources_pb2 as epb
+
+    from services.evaluator import _policy
+
+    bad = epb.Policy(
+        voting=epb.VotingPolicy(
+            solutions=11,
+            reviewers=-1,
+            method=7,  # type: ignore[arg-type]
+            subtask_types=[work_pb2.SUBTASK_TYPE_REVIEW],
+        )
+    )
+    assert [field for field, _ in _policy.problems(bad)] == [
+        "policy.voting.solutions",
+        "policy.voting.reviewers",
+        "policy.voting.method",
+        "policy.voting.subtask_types[0]",
+    ]
+    fine = epb.Policy(voting=epb.VotingPolicy(solutions=3, reviewers=2, method=epb.VOTE_METHOD_MAJORITY))
+    assert _policy.problems(fine) == []
