@@ -25,28 +25,10 @@ from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 
 from deploy.local import Stack
 from tests.integration.clients import Metadata, ScriptedAgent, bearer, enroll, eventually
+from tests.integration.test_evaluator import GOOD, diff_result
 
 CLAUDE, GEMINI = machine_pb2.TOOL_KIND_CLAUDE_CODE, machine_pb2.TOOL_KIND_GEMINI_CLI
 REVIEW = work_pb2.SUBTASK_TYPE_REVIEW
-
-GOOD = """diff --git a/app.py b/app.py
-new file mode 100644
---- /dev/null
-+++ b/app.py
-@@ -0,0 +1,2 @@
-+def add(a: int, b: int) -> int:
-+    return a + b
-diff --git a/tests/test_app.py b/tests/test_app.py
-new file mode 100644
---- /dev/null
-+++ b/tests/test_app.py
-@@ -0,0 +1,5 @@
-+from app import add
-+
-+
-+def test_add() -> None:
-+    assert add(1, 2) == 3
-"""
 
 
 def verdict(recommendation: str, score: float = 9, summary: str = "fine") -> str:
@@ -63,12 +45,7 @@ def verdict(recommendation: str, score: float = 9, summary: str = "fine") -> str
 
 def author(assignment: apb.Assignment) -> apb.Result:
     """A stand-in coding tool: delivers the same good change for any work."""
-    return apb.Result(
-        lease=assignment.lease,
-        outcome=work_pb2.OUTCOME_SUCCEEDED,
-        summary=f"added app.py for {assignment.key}",
-        diff=work_pb2.Diff(unified_diff=GOOD, files=[work_pb2.FileChange(path="app.py")]),
-    )
+    return diff_result(assignment, GOOD)
 
 
 def reviewer(outputs: list[str]) -> Callable[[apb.Assignment], apb.Result]:
