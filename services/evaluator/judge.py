@@ -37,7 +37,7 @@ from services.runtime.internal import internal_channel
 
 from . import _policy, peer_review, store, voting
 from .diffs import parse_diff
-from .judgement import Decision, Rules, Trigger, Verdict, decide, with_frequency
+from .judgement import Decision, Rules, Trigger, Verdict, decide, milestone, with_frequency
 from .scorers import Dimension, Finding, Work, registered
 from .scoring import Grade, Scorecard, evaluate
 from .settings import EvaluatorSettings
@@ -218,6 +218,19 @@ async def open_or_join_checkpoint(
     return cp, True
 
 
+def progress_at(result: ipb.SubmittedResult, decision: Decision | None = None, rules: Rules | None = None) -> int:
+    """The task's progress (0–100) recorded on a checkpoint opened for ``result``.
+
+    At a FREQUENCY stop it is the milestone the held result reaches; otherwise the share of the task's subtasks
+    that had succeeded before it.
+    """
+    if decision is not None and rules is not None and decision.trigger == Trigger.FREQUENCY:
+        reached = milestone(rules.frequency, result.task_subtasks_succeeded, result.task_subtasks_total)
+        if reached is not None:
+            return reached
+    return 100 * result.task_subtasks_succeeded // max(1, result.task_subtasks_total)
+
+
 def task_pause(cp: epb.Checkpoint) -> vpb.Verdict:
     """The verdict that pauses a whole task at ``cp`` (no subtask is held: MANUAL, TIME_BUDGET)."""
     verdict = new_verdict(cp.task, "", 0, "", "")
@@ -349,10 +362,9 @@ class Judge:
                     conn, task_id, root_of(result), [fb.SerializeToString() for fb in correct.feedback]
                 )
             elif decision.verdict == Verdict.ESCALATE:
-                total = max(1, result.task_subtasks_total)
                 cp, _ = await open_or_join_checkpoint(
                     conn, result.task, result.subtask, int(decision.trigger or Trigger.ESCALATION), decision.reason,
-                    100 * result.task_subtasks_succeeded // total,
+                    progress_at(result, decision, rules),
                 )  # fmt: skip
                 verdicts[0].pause.checkpoint = cp.name
             await store.insert_evaluation(
@@ -468,6 +480,7 @@ __all__ = [
     "new_verdict",
     "now_ts",
     "open_or_join_checkpoint",
+    "progress_at",
     "task_pause",
     "work_of",
 ]

@@ -283,10 +283,9 @@ async def _complete(conn: AsyncConnection, wait: review_store.Wait, reviews: lis
             conn, wait.task_id, _judge.root_of(result), [fb.SerializeToString() for fb in main.correct.feedback]
         )
     elif decision.verdict == Verdict.ESCALATE:
-        total = max(1, result.task_subtasks_total)
         cp, _ = await _judge.open_or_join_checkpoint(
             conn, result.task, result.subtask, int(decision.trigger or Trigger.ESCALATION), decision.reason,
-            100 * result.task_subtasks_succeeded // total,
+            _judge.progress_at(result, decision, rules),
         )  # fmt: skip
         main.pause.checkpoint = cp.name
     body = evaluation.SerializeToString()

@@ -296,10 +296,9 @@ async def _tie(
 ) -> list[vpb.Verdict]:
     """A tie the rules cannot break: a person decides at an ESCALATION checkpoint that holds the logical subtask."""
     result = await _result(conn, logical.result_id)
-    total = max(1, result.task_subtasks_total)
     why = f"the vote on {key_of(round_.subtask)} tied: {reason}"
     cp, _ = await _judge.open_or_join_checkpoint(
-        conn, round_.task, round_.subtask, int(Trigger.ESCALATION), why, 100 * result.task_subtasks_succeeded // total
+        conn, round_.task, round_.subtask, int(Trigger.ESCALATION), why, _judge.progress_at(result)
     )
     if not cp.voting_round:
         cp.voting_round = round_.name
@@ -380,10 +379,9 @@ async def _decide_winner(
             [fb.SerializeToString() for fb in main.correct.feedback],
         )  # fmt: skip
     elif decision.verdict == Verdict.ESCALATE:
-        total = max(1, result.task_subtasks_total)
         cp, _ = await _judge.open_or_join_checkpoint(
             conn, round_.task, round_.subtask, int(decision.trigger or Trigger.ESCALATION), decision.reason,
-            100 * result.task_subtasks_succeeded // total,
+            _judge.progress_at(result, decision, rules),
         )  # fmt: skip
         main.pause.checkpoint = cp.name
     await voting_store.insert_evaluation_now(

@@ -92,6 +92,7 @@ async def test_high_frequency_stops_after_every_subtask_and_approval_moves_on(
     await eventually(lambda: open_one(channels, admin, name), 30, "the first FREQUENCY checkpoint")
     (first,) = await open_one(channels, admin, name)
     assert first.trigger == epb.CHECKPOINT_TRIGGER_FREQUENCY and "50 %" in first.reason
+    assert first.progress_percent == 50, "the milestone the held result reaches"
     assert first.subtasks == [f"{name}/subtasks/s0"]
     await eventually(lambda: waits(channels, admin, name), 10, "the task to wait")
     held = (await subtasks(channels, admin, name))["s0"]
@@ -113,6 +114,7 @@ async def test_high_frequency_stops_after_every_subtask_and_approval_moves_on(
     await eventually(second, 30, "the checkpoint after the second subtask")
     (last,) = await second()
     assert last.trigger == epb.CHECKPOINT_TRIGGER_FREQUENCY and "100 %" in last.reason
+    assert last.progress_percent == 100
     assert [a.key for a in agent.assignments] == ["s0", "s1"]
     await stub.DecideCheckpoint(
         cpb.DecideCheckpointRequest(name=last.name, decision=epb.CHECKPOINT_DECISION_APPROVE),
