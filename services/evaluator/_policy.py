@@ -14,6 +14,8 @@ from .scorers import Dimension, registered
 from .scoring import DEFAULT_WEIGHTS
 
 DEFAULT_NAME = "policies/default"
+MAX_REVIEWERS = 5  # per result and per voting round; the scheduler creates at most this many (scheduler/reviews.py)
+MAX_SOLUTIONS = 10  # competing solutions per voted subtask (scheduler/voting.py)
 _NOT_REVIEWED = {work_pb2.SUBTASK_TYPE_UNSPECIFIED, work_pb2.SUBTASK_TYPE_REVIEW}
 _SUBTASK_TYPES = frozenset(work_pb2.SubtaskType.values()) - _NOT_REVIEWED
 # FREQUENCY is off in the built-in default (a task that sets its own checkpoint_frequency turns it on, see
@@ -97,16 +99,16 @@ def problems(policy: epb.Policy, prefix: str = "policy") -> list[tuple[str, str]
             found.append((f"{prefix}.triggers[{i}]", "must be a checkpoint trigger"))
     if policy.time_budget.seconds < 0 or policy.time_budget.nanos < 0:
         found.append((f"{prefix}.time_budget", "must not be negative"))
-    if not 0 <= policy.peer_review.reviewers <= 5:
-        found.append((f"{prefix}.peer_review.reviewers", "must be between 0 and 5"))
+    if not 0 <= policy.peer_review.reviewers <= MAX_REVIEWERS:
+        found.append((f"{prefix}.peer_review.reviewers", f"must be between 0 and {MAX_REVIEWERS}"))
     for i, kind in enumerate(policy.peer_review.subtask_types):
         if kind not in _SUBTASK_TYPES:
             found.append((f"{prefix}.peer_review.subtask_types[{i}]", "must be a subtask type other than REVIEW"))
     voting = policy.voting  # the same bounds the scheduler applies when it adds competitors (scheduler/voting.py)
-    if not 0 <= voting.solutions <= 10:
-        found.append((f"{prefix}.voting.solutions", "must be between 0 and 10 (0 or 1: no voting)"))
-    if not 0 <= voting.reviewers <= 5:
-        found.append((f"{prefix}.voting.reviewers", "must be between 0 and 5"))
+    if not 0 <= voting.solutions <= MAX_SOLUTIONS:
+        found.append((f"{prefix}.voting.solutions", f"must be between 0 and {MAX_SOLUTIONS} (0 or 1: no voting)"))
+    if not 0 <= voting.reviewers <= MAX_REVIEWERS:
+        found.append((f"{prefix}.voting.reviewers", f"must be between 0 and {MAX_REVIEWERS}"))
     if voting.method not in epb.VoteMethod.values():
         found.append((f"{prefix}.voting.method", "must be MAJORITY or WEIGHTED"))
     for i, kind in enumerate(voting.subtask_types):

@@ -47,7 +47,6 @@ TIED, OVERRIDDEN = epb.VOTING_STATE_TIED, epb.VOTING_STATE_OVERRIDDEN
 _ALT = re.compile(r"-alt-(\d+)$")
 _SOLUTION = re.compile(r"^votingRounds/([A-Za-z0-9_-]{1,128})/solutions/([a-z0-9_-]{1,63})$")
 LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-MAX_REVIEWERS = 5  # what the scheduler creates at most (scheduler/reviews.py)
 
 
 def key_of(name: str) -> str:
@@ -176,7 +175,7 @@ async def _advance(conn: AsyncConnection, found: voting_store.Round, policy: epb
     for label, s in zip(LABELS, usable, strict=False):
         s.label = label
         await voting_store.update_solution(conn, found.id, s.id, label, 0, False, s.body)
-    k = min(policy.voting.reviewers, MAX_REVIEWERS)
+    k = min(policy.voting.reviewers, _policy.MAX_REVIEWERS)
     if k <= 0 or len(usable) < 2:
         return await _count(conn, found, solutions, [], policy)
     logical = _logical(solutions)

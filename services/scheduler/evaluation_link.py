@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runtime.internal import internal_channel
 
+from . import store
 from .names import subtask_name, task_name
 from .settings import SchedulerSettings
 
@@ -276,13 +277,7 @@ async def _register(stub: ipb_grpc.EvaluationIntakeServiceAsyncStub, conn: Async
             registration.ClearField("policy")
             reply = await stub.RegisterTask(registration, timeout=30)
     # Its own table: the relay's transaction spans RPCs and must not hold the task row's lock meanwhile.
-    await conn.execute(
-        text(
-            "INSERT INTO task_policies (task_id, body) VALUES (:i, :p)"
-            " ON CONFLICT (task_id) DO UPDATE SET body = excluded.body"
-        ),
-        {"p": reply.policy.SerializeToString(), "i": task_id},
-    )
+    await store.put_task_policy(conn, task_id, reply.policy.SerializeToString())
 
 
 class EvaluationLink:

@@ -187,6 +187,17 @@ async def count_tasks(conn: AsyncConnection, where: str, params: dict[str, Any])
     return int((await conn.execute(text(sql), params)).scalar_one())
 
 
+async def put_task_policy(conn: AsyncConnection, task_id: str, body: bytes) -> None:
+    """Store the scheduler's copy of a task's effective policy (RegisterTask's answer, then PolicyChanged)."""
+    await conn.execute(
+        text(
+            "INSERT INTO task_policies (task_id, body) VALUES (:i, :p)"
+            " ON CONFLICT (task_id) DO UPDATE SET body = excluded.body"
+        ),
+        {"i": task_id, "p": body},
+    )
+
+
 async def update_task(conn: AsyncConnection, task_id: str, **fields: Any) -> None:
     """Set columns of one task (column names come from code, never from callers)."""
     sets = ", ".join(f"{k} = :{k}" for k in fields)

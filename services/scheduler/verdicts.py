@@ -320,13 +320,7 @@ class _Applier:
 
     async def policy_changed(self, task: store.TaskRow) -> None:
         """Replace the scheduler's copy of the task's effective policy (ERROR, BEFORE_FINAL_ACCEPT read it)."""
-        await self.conn.execute(
-            text(
-                "INSERT INTO task_policies (task_id, body) VALUES (:i, :p)"
-                " ON CONFLICT (task_id) DO UPDATE SET body = excluded.body"
-            ),
-            {"i": task.id, "p": self.v.policy_changed.policy.SerializeToString()},
-        )
+        await store.put_task_policy(self.conn, task.id, self.v.policy_changed.policy.SerializeToString())
 
     async def cancel(self, task: store.TaskRow) -> None:
         reason = self.v.cancel_task.reason or "rejected at a checkpoint"

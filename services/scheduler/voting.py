@@ -31,8 +31,9 @@ from sqlalchemy import text
 
 from services.runtime import invalid_argument
 
-from . import store
+from . import allocation, store
 from .names import subtask_name, try_parse_subtask
+from .reviews import MAX_REVIEWERS
 from .states import SubtaskState
 
 if TYPE_CHECKING:
@@ -40,8 +41,7 @@ if TYPE_CHECKING:
 
 S = SubtaskState
 MAX_SOLUTIONS = 10
-MAX_REVIEWERS = 5  # reviews.MAX_REVIEWERS
-AI_TOOLS = (1, 2, 3, 4)  # maw.common.v1.ToolKind CLAUDE_CODE, GEMINI_CLI, CODEX_CLI, OLLAMA
+AI_TOOLS = tuple(sorted(allocation.AI_TOOLS))  # in ToolKind order: CLAUDE_CODE, GEMINI_CLI, CODEX_CLI, OLLAMA
 _DEFAULT_TYPES = frozenset({work_pb2.SUBTASK_TYPE_CODE_GENERATION})
 _ALT = re.compile(r"-alt-(\d+)$")
 
