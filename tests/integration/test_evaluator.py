@@ -117,6 +117,17 @@ async def task_state(channels: dict[str, grpc.aio.Channel], admin: Metadata, nam
     return reply.task.state
 
 
+async def reaches(
+    channels: dict[str, grpc.aio.Channel], admin: Metadata, name: str, state: int, timeout: float = 30.0, what: str = ""
+) -> None:
+    """Wait until the task is in ``state`` (AssertionError saying ``what`` after ``timeout`` seconds)."""
+
+    async def there() -> bool:
+        return await task_state(channels, admin, name) == state
+
+    await eventually(there, timeout, what or f"the task to be in state {state}")
+
+
 async def subtasks(channels: dict[str, grpc.aio.Channel], admin: Metadata, name: str) -> dict[str, spb.Subtask]:
     reply = await tpb_grpc.TaskServiceStub(channels["scheduler"]).ListSubtasks(
         tpb.ListSubtasksRequest(parent=name), metadata=admin, timeout=10
@@ -155,10 +166,7 @@ async def test_a_weak_result_is_corrected_with_the_feedback_and_then_accepted(
     agent = await start_agent(stack, channels, admin, agents, scripted([WEAK, GOOD]))
     name = await create(channels, admin)
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 30, "the corrected task to succeed")
+    await reaches(channels, admin, name, spb.TASK_STATE_SUCCEEDED, 30, "the corrected task to succeed")
     keys = [a.key for a in agent.assignments]
     assert keys == ["implement", "implement-fix-1"]
     fix = agent.assignments[1]
@@ -256,10 +264,7 @@ async def test_three_failed_corrections_escalate_and_a_person_corrects_then_appr
         metadata=bearer(operator_token), timeout=10,
     )  # fmt: skip
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 30, "the approved task to succeed")
+    await reaches(channels, admin, name, spb.TASK_STATE_SUCCEEDED, 30, "the approved task to succeed")
     subs = await subtasks(channels, admin, name)
     assert {k: s.state for k, s in subs.items()} == {
         k: spb.SUBTASK_STATE_SUCCEEDED for k in ["implement"] + [f"implement-fix-{i}" for i in range(1, 5)]

@@ -20,7 +20,7 @@ from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 
 from deploy.local import Stack
 from tests.integration.clients import Metadata, ScriptedAgent, bearer, enroll, eventually
-from tests.integration.test_evaluator import GOOD, diff_result, subtasks, task_state, violations
+from tests.integration.test_evaluator import GOOD, diff_result, reaches, subtasks, task_state, violations
 
 CLAUDE = machine_pb2.TOOL_KIND_CLAUDE_CODE
 
@@ -121,10 +121,7 @@ async def test_high_frequency_stops_after_every_subtask_and_approval_moves_on(
         metadata=bearer(operator_token), timeout=10,
     )  # fmt: skip
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 30, "the approved task to succeed")
+    await reaches(channels, admin, name, spb.TASK_STATE_SUCCEEDED, 30, "the approved task to succeed")
     done = (await subtasks(channels, admin, name))["s0"]
     assert done.state == spb.SUBTASK_STATE_SUCCEEDED and done.checkpoint == ""
 
@@ -187,10 +184,7 @@ async def test_a_person_pauses_a_task_by_hand_and_approval_lets_it_run(
         timeout=10,
     )  # fmt: skip
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 30, "the resumed task to succeed")
+    await reaches(channels, admin, name, spb.TASK_STATE_SUCCEEDED, 30, "the resumed task to succeed")
     assert [a.key for a in agent.assignments] == ["s0"]
 
 

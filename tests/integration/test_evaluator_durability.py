@@ -18,7 +18,7 @@ from maw.scheduler.v1 import resources_pb2 as spb
 
 from deploy.local import Stack
 from tests.integration.clients import Metadata, ScriptedAgent, eventually
-from tests.integration.test_evaluator import GOOD, WEAK, create, scripted, start_agent, subtasks, task_state
+from tests.integration.test_evaluator import GOOD, WEAK, create, reaches, scripted, start_agent, subtasks
 
 
 async def _restart_evaluator(stack: Stack, hold: str = "") -> None:
@@ -75,10 +75,7 @@ async def test_a_verdict_survives_kill_9_of_the_evaluator_and_applies_exactly_on
     finally:
         await _restart_evaluator(stack)  # kill -9 at the held point, then start normally
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 30, "the task to finish after the restart")
+    await reaches(channels, admin, name, spb.TASK_STATE_SUCCEEDED, 30, "the task to finish after the restart")
     assert _corrections(stack, task_id) == 1, "one correction subtask: the verdict applied once"
     applied = _query(
         stack, "SELECT disposition FROM scheduler.applied_verdicts WHERE task_id = %s ORDER BY apply_time", task_id
@@ -121,10 +118,7 @@ async def test_results_awaiting_evaluation_survive_kill_9_of_the_scheduler_and_a
         await _start(stack, "evaluator", stack.ports.evaluator)
     await start_agent(stack, channels, admin, agents, scripted([GOOD]))  # the first agent's stream died with it
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 45, "the task to finish after both restarts")
+    await reaches(channels, admin, name, spb.TASK_STATE_SUCCEEDED, 45, "the task to finish after both restarts")
     assert _corrections(stack, task_id) == 1, "the weak result was judged once: one correction"
     judged = _query(stack, "SELECT count(*) FROM evaluator.results WHERE task_id = %s", task_id)
     assert judged == [(2,)], "the original result and the correction's, each received once"

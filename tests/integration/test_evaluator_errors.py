@@ -18,7 +18,7 @@ from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 
 from deploy.local import Stack
 from tests.integration.clients import Metadata, ScriptedAgent, bearer, eventually
-from tests.integration.test_evaluator import GOOD, diff_result, subtasks, task_state
+from tests.integration.test_evaluator import GOOD, diff_result, reaches, subtasks
 from tests.integration.test_evaluator_checkpoints import open_one, start_agent
 
 CLAUDE = machine_pb2.TOOL_KIND_CLAUDE_CODE
@@ -67,10 +67,7 @@ async def held_at_error(
     await eventually(lambda: open_one(channels, admin, name), 30, "the ERROR checkpoint")
     (cp,) = await open_one(channels, admin, name)
 
-    async def waits() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_WAITING_CHECKPOINT
-
-    await eventually(waits, 10, "the task to wait at the checkpoint")
+    await reaches(channels, admin, name, spb.TASK_STATE_WAITING_CHECKPOINT, 10, "the task to wait at the checkpoint")
     return name, cp, agent
 
 
@@ -96,10 +93,7 @@ async def test_a_failure_waits_at_an_error_checkpoint_and_a_persons_correction_c
         metadata=bearer(operator_token), timeout=10,
     )  # fmt: skip
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 30, "the corrected task to succeed")
+    await reaches(channels, admin, name, spb.TASK_STATE_SUCCEEDED, 30, "the corrected task to succeed")
     fix = next(a for a in agent.assignments if a.key == "s0-fix-1")
     assert words in fix.prompt, "the correction carries the person's words"
     done = await subtasks(channels, admin, name)
@@ -116,10 +110,7 @@ async def test_approving_an_error_checkpoint_accepts_the_failure_and_fails_the_t
         metadata=bearer(operator_token), timeout=10,
     )  # fmt: skip
 
-    async def failed() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_FAILED
-
-    await eventually(failed, 30, "the task to fail")
+    await reaches(channels, admin, name, spb.TASK_STATE_FAILED, 30, "the task to fail")
     assert (await subtasks(channels, admin, name))["s0"].state == spb.SUBTASK_STATE_FAILED
 
 
@@ -133,10 +124,7 @@ async def test_rejecting_an_error_checkpoint_cancels_the_task(
         metadata=bearer(operator_token), timeout=10,
     )  # fmt: skip
 
-    async def cancelled() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_CANCELLED
-
-    await eventually(cancelled, 30, "the task to be cancelled")
+    await reaches(channels, admin, name, spb.TASK_STATE_CANCELLED, 30, "the task to be cancelled")
 
 
 async def test_without_the_error_trigger_a_failure_fails_the_task_at_once(
@@ -146,10 +134,7 @@ async def test_without_the_error_trigger_a_failure_fails_the_task_at_once(
     await start_agent(stack, channels, admin, agents, label, fails_first)
     name = await create(channels, admin, label, None)
 
-    async def failed() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_FAILED
-
-    await eventually(failed, 30, "the task to fail")
+    await reaches(channels, admin, name, spb.TASK_STATE_FAILED, 30, "the task to fail")
     await asyncio.sleep(1.0)
     assert await open_one(channels, admin, name) == [], "the default policy opens no ERROR checkpoint"
 
@@ -167,10 +152,7 @@ async def test_a_subtask_past_its_total_time_limit_waits_at_an_error_checkpoint(
     assert cp.trigger == epb.CHECKPOINT_TRIGGER_ERROR and cp.subtasks == [f"{name}/subtasks/s0"]
     assert "TIMED_OUT" in cp.reason and "total time limit reached" in cp.reason, cp.reason
 
-    async def waits() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_WAITING_CHECKPOINT
-
-    await eventually(waits, 10, "the task to wait instead of failing")
+    await reaches(channels, admin, name, spb.TASK_STATE_WAITING_CHECKPOINT, 10, "the task to wait instead of failing")
     assert (await subtasks(channels, admin, name))["s0"].state == spb.SUBTASK_STATE_WAITING_CHECKPOINT
 
 
@@ -187,16 +169,17 @@ async def test_a_subtask_no_agent_takes_within_its_queue_wait_limit_waits_at_an_
     assert cp.trigger == epb.CHECKPOINT_TRIGGER_ERROR and cp.subtasks == [f"{held}/subtasks/s0"]
     assert "queue-wait time limit reached" in cp.reason, cp.reason
 
-    async def waits() -> bool:
-        return await task_state(channels, admin, held) == spb.TASK_STATE_WAITING_CHECKPOINT
-
-    await eventually(waits, 10, "the task that never started to wait instead of failing")
+    await reaches(
+        channels,
+        admin,
+        held,
+        spb.TASK_STATE_WAITING_CHECKPOINT,
+        10,
+        "the task that never started to wait instead of failing",
+    )
     assert (await subtasks(channels, admin, held))["s0"].state == spb.SUBTASK_STATE_WAITING_CHECKPOINT
 
-    async def failed() -> bool:
-        return await task_state(channels, admin, failing) == spb.TASK_STATE_FAILED
-
-    await eventually(failed, 30, "the task without the trigger to fail at once")
+    await reaches(channels, admin, failing, spb.TASK_STATE_FAILED, 30, "the task without the trigger to fail at once")
     assert await open_one(channels, admin, failing) == []
 
     await cpb_grpc.CheckpointServiceStub(channels["evaluator"]).DecideCheckpoint(
@@ -204,7 +187,4 @@ async def test_a_subtask_no_agent_takes_within_its_queue_wait_limit_waits_at_an_
         metadata=bearer(operator_token), timeout=10,
     )  # fmt: skip
 
-    async def accepted_failure() -> bool:
-        return await task_state(channels, admin, held) == spb.TASK_STATE_FAILED
-
-    await eventually(accepted_failure, 30, "approving to accept the failure")
+    await reaches(channels, admin, held, spb.TASK_STATE_FAILED, 30, "approving to accept the failure")

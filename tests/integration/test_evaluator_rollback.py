@@ -19,7 +19,7 @@ from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 
 from deploy.local import Stack
 from tests.integration.clients import Metadata, ScriptedAgent, bearer, eventually
-from tests.integration.test_evaluator import GOOD, diff_result, evaluations, subtasks, task_state, violations
+from tests.integration.test_evaluator import GOOD, diff_result, evaluations, reaches, subtasks, task_state, violations
 from tests.integration.test_evaluator_checkpoints import checkpoints, create, open_one, start_agent, waits
 
 HIGH = epb.Policy(checkpoint_frequency=work_pb2.CHECKPOINT_FREQUENCY_HIGH)
@@ -233,10 +233,7 @@ async def test_rollback_of_an_open_checkpoint_resumes_the_task_and_a_cancelled_t
     )
     assert reply.checkpoint.state == epb.CHECKPOINT_STATE_CANCELLED and reply.checkpoint.HasField("close_time")
 
-    async def resumed() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_RUNNING
-
-    await eventually(resumed, 15, "the task to run again")
+    await reaches(channels, admin, name, spb.TASK_STATE_RUNNING, 15, "the task to run again")
     assert await open_one(channels, admin, name) == []
 
     await tpb_grpc.TaskServiceStub(channels["scheduler"]).CancelTask(

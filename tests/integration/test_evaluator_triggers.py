@@ -17,7 +17,7 @@ from maw.scheduler.v1 import resources_pb2 as spb
 
 from deploy.local import Stack
 from tests.integration.clients import Metadata, ScriptedAgent, bearer, eventually
-from tests.integration.test_evaluator import subtasks, task_state, violations
+from tests.integration.test_evaluator import reaches, subtasks, task_state, violations
 from tests.integration.test_evaluator_checkpoints import create, open_one, start_agent, waits
 
 PLAN = epb.CHECKPOINT_TRIGGER_AFTER_DECOMPOSITION
@@ -41,13 +41,6 @@ async def one_open(channels: dict[str, grpc.aio.Channel], admin: Metadata, name:
     await eventually(found, 30, f"an open checkpoint with trigger {trigger}")
     (checkpoint,) = await found()
     return checkpoint
-
-
-async def reaches(channels: dict[str, grpc.aio.Channel], admin: Metadata, name: str, state: int) -> None:
-    async def there() -> bool:
-        return await task_state(channels, admin, name) == state
-
-    await eventually(there, 30, f"the task to be in state {state}")
 
 
 async def test_a_task_asking_to_confirm_its_plan_runs_nothing_until_a_person_approves(

@@ -22,6 +22,7 @@ from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 from deploy.local import Stack
 from services.runtime.errors import details_from_trailers
 from tests.integration.clients import Metadata, ScriptedAgent, bearer, enroll, eventually
+from tests.integration.test_evaluator import reaches
 from tests.integration.test_evaluator_durability import _query, _restart_evaluator
 
 CLAUDE, GEMINI, SHELL = machine_pb2.TOOL_KIND_CLAUDE_CODE, machine_pb2.TOOL_KIND_GEMINI_CLI, machine_pb2.TOOL_KIND_SHELL
@@ -99,13 +100,6 @@ async def create(
     )
 
 
-async def task_state(channels: dict[str, grpc.aio.Channel], admin: Metadata, name: str) -> int:
-    reply = await tpb_grpc.TaskServiceStub(channels["scheduler"]).GetTask(
-        tpb.GetTaskRequest(name=name), metadata=admin, timeout=10
-    )
-    return reply.task.state
-
-
 async def subtask_states(channels: dict[str, grpc.aio.Channel], admin: Metadata, name: str) -> dict[str, int]:
     reply = await tpb_grpc.TaskServiceStub(channels["scheduler"]).ListSubtasks(
         tpb.ListSubtasksRequest(parent=name), metadata=admin, timeout=10
@@ -137,10 +131,7 @@ async def test_the_best_scored_of_three_solutions_continues_and_the_others_are_n
     assert [s.solution_of for s in created.subtasks] == [f"{name}/subtasks/implement"] * 3 + [""]
     assert created.task.subtask_count == 4
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 30, "the voted task to succeed")
+    await reaches(channels, admin, name, spb.TASK_STATE_SUCCEEDED, 30, "the voted task to succeed")
     assert await subtask_states(channels, admin, name) == {
         "implement": spb.SUBTASK_STATE_SUCCEEDED,
         "implement-alt-1": spb.SUBTASK_STATE_SUCCEEDED,
@@ -206,10 +197,7 @@ async def test_a_tie_waits_for_a_person_whose_choice_continues(
         and "tie between A and B" in detail.voting_round.decision_reason
     )
 
-    async def waiting() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_WAITING_CHECKPOINT
-
-    await eventually(waiting, 10, "the task to wait at the checkpoint")
+    await reaches(channels, admin, name, spb.TASK_STATE_WAITING_CHECKPOINT, 10, "the task to wait at the checkpoint")
 
     # A solution of another round, a name that is no solution of this one, not a solution name: each refused,
     # naming the field, and nothing changed.
@@ -235,10 +223,7 @@ async def test_a_tie_waits_for_a_person_whose_choice_continues(
     )  # fmt: skip
     assert decided.checkpoint.decision.selected_solution == chosen
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 30, "the task to go on with the person's choice")
+    await reaches(channels, admin, name, spb.TASK_STATE_SUCCEEDED, 30, "the task to go on with the person's choice")
     assert await subtask_states(channels, admin, name) == {
         "implement": spb.SUBTASK_STATE_SUCCEEDED,
         "implement-alt-1": spb.SUBTASK_STATE_SUCCEEDED,
@@ -261,10 +246,7 @@ async def test_two_reviewers_rankings_pick_the_winner_over_the_better_score(
     voting = epb.VotingPolicy(solutions=2, reviewers=2, method=epb.VOTE_METHOD_MAJORITY)
     name = (await create(channels, admin, voting)).task.name
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 45, "the ranked task to succeed")
+    await reaches(channels, admin, name, spb.TASK_STATE_SUCCEEDED, 45, "the ranked task to succeed")
     (voted,) = await rounds(channels, admin, name)
     assert voted.state == epb.VOTING_STATE_DECIDED
     assert voted.winner == f"{voted.name}/solutions/implement-alt-1", "both reviewers put B first"
@@ -321,10 +303,7 @@ async def test_when_every_solution_fails_a_person_is_asked_and_approving_accepts
         metadata=bearer(operator_token), timeout=10,
     )  # fmt: skip
 
-    async def failed() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_FAILED
-
-    await eventually(failed, 30, "the accepted failure to fail the task")
+    await reaches(channels, admin, name, spb.TASK_STATE_FAILED, 30, "the accepted failure to fail the task")
     assert await subtask_states(channels, admin, name) == {
         "implement": spb.SUBTASK_STATE_FAILED,
         "implement-alt-1": spb.SUBTASK_STATE_NOT_SELECTED,
@@ -350,10 +329,7 @@ async def test_a_decided_vote_survives_kill_9_of_the_evaluator_and_applies_exact
     finally:
         await _restart_evaluator(stack)  # kill -9 at the held point, then start normally: the batch goes again
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 30, "the task to finish after the restart")
+    await reaches(channels, admin, name, spb.TASK_STATE_SUCCEEDED, 30, "the task to finish after the restart")
     await eventually(
         lambda: not _query(stack, "SELECT 1 FROM evaluator.outbox WHERE task_id = %s", task_id), 10, "the outbox"
     )
@@ -395,10 +371,9 @@ async def test_a_rollback_past_a_vote_lets_the_solutions_vote_again_in_a_new_rou
         metadata=bearer(operator_token), timeout=15,
     )  # fmt: skip
 
-    async def succeeded() -> bool:
-        return await task_state(channels, admin, name) == spb.TASK_STATE_SUCCEEDED
-
-    await eventually(succeeded, 30, "the rerun's vote to decide and the task to finish")
+    await reaches(
+        channels, admin, name, spb.TASK_STATE_SUCCEEDED, 30, "the rerun's vote to decide and the task to finish"
+    )
     first, second = await rounds(channels, admin, name)
     assert first.state == epb.VOTING_STATE_TIED, "the old round stays as history"
     assert second.state == epb.VOTING_STATE_DECIDED and second.winner == f"{second.name}/solutions/implement-alt-1"
