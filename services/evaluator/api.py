@@ -25,7 +25,7 @@ from maw.registry.v1 import resources_pb2 as rpb
 from maw.scheduler.v1 import verdict_service_pb2 as vpb
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.runtime import invalid_argument
+from services.runtime import invalid_argument, replay
 from services.runtime.errors import MawError, failed_precondition, not_found, permission_denied
 from services.runtime.principal import current_principal
 
@@ -359,10 +359,10 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
             raise invalid_argument(problems)
         method = "DecideCheckpoint"
         async with self.db.begin() as conn:
-            if request.request_id:
-                earlier = await store.remembered(conn, method, caller.name, request.request_id)
-                if earlier is not None:
-                    return cpb.DecideCheckpointResponse.FromString(earlier)
+            if earlier := await replay.recall(
+                conn, method, caller.name, request.request_id, cpb.DecideCheckpointResponse
+            ):
+                return earlier
             body = await store.get_checkpoint(conn, ident, lock=True)
             if body is None:
                 raise not_found("maw.evaluator.v1.Checkpoint", request.name)
@@ -405,8 +405,7 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
             await store.enqueue(conn, store.VERDICTS, [(task_id, v.SerializeToString()) for v in verdicts])
             await store.enqueue(conn, store.ACTIVITY, [(task_id, _activity(cp, caller.name, word).SerializeToString())])
             response = cpb.DecideCheckpointResponse(checkpoint=cp)
-            if request.request_id:
-                await store.remember(conn, method, caller.name, request.request_id, response.SerializeToString())
+            await replay.keep(conn, method, caller.name, request.request_id, response)
         self.judge.poke(store.VERDICTS)
         self.judge.poke(store.ACTIVITY)
         return response
@@ -432,10 +431,10 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
         task_id = match.group(1)
         method = "CreateCheckpoint"
         async with self.db.begin() as conn:
-            if request.request_id:
-                earlier = await store.remembered(conn, method, caller.name, request.request_id)
-                if earlier is not None:
-                    return cpb.CreateCheckpointResponse.FromString(earlier)
+            if earlier := await replay.recall(
+                conn, method, caller.name, request.request_id, cpb.CreateCheckpointResponse
+            ):
+                return earlier
             task = await store.get_task(conn, task_id, lock=True)
             if task is None:
                 raise not_found("maw.scheduler.v1.Task", given.task)
@@ -456,8 +455,7 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
             opened = _activity(cp, caller.name, "opened", cp.create_time, reason)
             await store.enqueue(conn, store.ACTIVITY, [(task_id, opened.SerializeToString())])
             response = cpb.CreateCheckpointResponse(checkpoint=cp)
-            if request.request_id:
-                await store.remember(conn, method, caller.name, request.request_id, response.SerializeToString())
+            await replay.keep(conn, method, caller.name, request.request_id, response)
         self.judge.poke(store.VERDICTS)
         self.judge.poke(store.ACTIVITY)
         return response

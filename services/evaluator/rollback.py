@@ -34,7 +34,7 @@ from maw.scheduler.v1 import verdict_service_pb2_grpc as vpb_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.runtime import invalid_argument
+from services.runtime import invalid_argument, replay
 from services.runtime.errors import MawError, failed_precondition, not_found, unavailable
 from services.runtime.internal import internal_channel
 
@@ -138,15 +138,15 @@ async def roll_back(
     if problems:
         raise invalid_argument(problems)
     async with db.connect() as conn:
-        if request.request_id and (earlier := await store.remembered(conn, METHOD, caller, request.request_id)):
-            return cpb.RollbackToCheckpointResponse.FromString(earlier)
+        if earlier := await replay.recall(conn, METHOD, caller, request.request_id, cpb.RollbackToCheckpointResponse):
+            return earlier
         body = await store.get_checkpoint(conn, ident)
     if body is None:
         raise not_found("maw.evaluator.v1.Checkpoint", request.name)
     plan = await plan_of(settings, epb.Checkpoint.FromString(body))
     async with db.begin() as conn:
-        if request.request_id and (earlier := await store.remembered(conn, METHOD, caller, request.request_id)):
-            return cpb.RollbackToCheckpointResponse.FromString(earlier)
+        if earlier := await replay.recall(conn, METHOD, caller, request.request_id, cpb.RollbackToCheckpointResponse):
+            return earlier
         task_id = task_id_of(epb.Checkpoint.FromString(body).task)
         # The task first, then its checkpoints: the order judging takes them in (no deadlock with it).
         await store.get_task(conn, task_id, lock=True)
@@ -179,8 +179,7 @@ async def roll_back(
                                 + (f": {request.comment}" if request.comment else ""))[:2000]  # fmt: skip
         await store.enqueue(conn, store.ACTIVITY, [(task_id, record.SerializeToString())])
         response = cpb.RollbackToCheckpointResponse(checkpoint=cp, effect=effect)
-        if request.request_id:
-            await store.remember(conn, METHOD, caller, request.request_id, response.SerializeToString())
+        await replay.keep(conn, METHOD, caller, request.request_id, response)
     return response
 
 

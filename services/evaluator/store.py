@@ -270,28 +270,6 @@ async def outbox_done(conn: AsyncConnection, ids: Sequence[int]) -> None:
         await conn.execute(text("DELETE FROM outbox WHERE id = ANY(:ids)"), {"ids": list(ids)})
 
 
-async def remembered(conn: AsyncConnection, method: str, principal: str, request_id: str) -> bytes | None:
-    """The response an earlier call with this request id got."""
-    row = (
-        await conn.execute(
-            text("SELECT response FROM requests WHERE method = :m AND principal = :p AND request_id = :r"),
-            {"m": method, "p": principal, "r": request_id},
-        )
-    ).first()
-    return bytes(row[0]) if row else None
-
-
-async def remember(conn: AsyncConnection, method: str, principal: str, request_id: str, response: bytes) -> None:
-    """Keep a response for retries with the same request id."""
-    await conn.execute(
-        text(
-            "INSERT INTO requests (method, principal, request_id, response) VALUES (:m, :p, :r, :b)"
-            " ON CONFLICT DO NOTHING"
-        ),
-        {"m": method, "p": principal, "r": request_id, "b": response},
-    )
-
-
 # -- rollback ---------------------------------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from maw.scheduler.v1 import template_service_pb2 as tmpb
 from maw.scheduler.v1 import template_service_pb2_grpc as tmpb_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.runtime import already_exists, failed_precondition, invalid_argument, not_found
+from services.runtime import already_exists, failed_precondition, invalid_argument, not_found, replay
 from services.runtime.principal import current_principal
 
 from . import _convert as conv
@@ -395,11 +395,11 @@ class TaskService(tpb_grpc.TaskServiceServicer):
     async def RetrySubtask(self, request: tpb.RetrySubtaskRequest, context: Ctx) -> tpb.RetrySubtaskResponse:
         task_id, key = parse_subtask(request.name)
         creator = _creator()
-        if request.request_id:
-            async with self.db.connect() as conn:
-                earlier = await store.remembered(conn, "RetrySubtask", creator, request.request_id)
-            if earlier is not None:
-                return tpb.RetrySubtaskResponse.FromString(earlier)
+        async with self.db.connect() as conn:
+            if earlier := await replay.recall(
+                conn, "RetrySubtask", creator, request.request_id, tpb.RetrySubtaskResponse
+            ):
+                return earlier
         events = EventLog()
         async with self.db.begin() as conn:
             task = await store.get_task(conn, task_id, lock=True)
@@ -460,8 +460,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             touched = await events.flush(conn)
             row = (await store.get_subtasks(conn, task_id, [key]))[0]
             response = tpb.RetrySubtaskResponse(subtask=conv.subtask_message(row))
-            if request.request_id:
-                await store.remember(conn, "RetrySubtask", creator, request.request_id, response.SerializeToString())
+            await replay.keep(conn, "RetrySubtask", creator, request.request_id, response)
         await self.engine._announce(touched, True)
         return response
 
@@ -593,15 +592,14 @@ class TemplateService(tmpb_grpc.TemplateServiceServicer):
         if request.validate_only:
             return tmpb.CreateTemplateResponse(template=template)
         async with self.db.begin() as conn:
-            if request.request_id:
-                earlier = await store.remembered(conn, "CreateTemplate", creator, request.request_id)
-                if earlier is not None:
-                    return tmpb.CreateTemplateResponse.FromString(earlier)
+            if earlier := await replay.recall(
+                conn, "CreateTemplate", creator, request.request_id, tmpb.CreateTemplateResponse
+            ):
+                return earlier
             if not await store.insert_template(conn, template_id, template.SerializeToString(), creator, template.etag):
                 raise already_exists("maw.scheduler.v1.Template", name)
             response = tmpb.CreateTemplateResponse(template=template)
-            if request.request_id:
-                await store.remember(conn, "CreateTemplate", creator, request.request_id, response.SerializeToString())
+            await replay.keep(conn, "CreateTemplate", creator, request.request_id, response)
         return response
 
     async def UpdateTemplate(self, request: tmpb.UpdateTemplateRequest, context: Ctx) -> tmpb.UpdateTemplateResponse:

@@ -635,27 +635,6 @@ async def read_events(conn: AsyncConnection, task_id: str, after: int, limit: in
 # -- idempotency and templates ------------------------------------------------------------------------------
 
 
-async def remembered(conn: AsyncConnection, method: str, principal: str, request_id: str) -> bytes | None:
-    """The response an earlier call with this request id got."""
-    row = await conn.execute(
-        text("SELECT response FROM requests WHERE method = :m AND principal = :p AND request_id = :r"),
-        {"m": method, "p": principal, "r": request_id},
-    )
-    found = row.first()
-    return bytes(found[0]) if found else None
-
-
-async def remember(conn: AsyncConnection, method: str, principal: str, request_id: str, response: bytes) -> None:
-    """Keep the response for retries of the same request id (first writer wins)."""
-    await conn.execute(
-        text(
-            "INSERT INTO requests (method, principal, request_id, response) VALUES (:m, :p, :r, :b)"
-            " ON CONFLICT DO NOTHING"
-        ),
-        {"m": method, "p": principal, "r": request_id, "b": response},
-    )
-
-
 async def get_template(conn: AsyncConnection, template_id: str) -> tuple[bytes, str] | None:
     """A saved template's body and etag."""
     row = (await conn.execute(text("SELECT body, etag FROM templates WHERE id = :id"), {"id": template_id})).first()
