@@ -16,7 +16,8 @@ from services.runtime import invalid_argument
 
 from . import store
 from .dag import StepSpec
-from .engine import progress_of, ts
+from .events import progress_of
+from .wire import ts
 
 __all__ = ["ts"]
 from .names import subtask_name, task_name

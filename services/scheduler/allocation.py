@@ -13,12 +13,22 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
-# maw.common.v1.ToolKind values.
-AI_TOOLS = frozenset({1, 2, 3, 4})
-SHELL, TEST = 5, 6
-SENSITIVE = 2  # maw.common.v1.PrivacyLevel
+from maw.common.v1 import machine_pb2, work_pb2
+from maw.scheduler.v1 import resources_pb2 as spb
+
+AI_TOOLS = frozenset(
+    {
+        machine_pb2.TOOL_KIND_CLAUDE_CODE,
+        machine_pb2.TOOL_KIND_GEMINI_CLI,
+        machine_pb2.TOOL_KIND_CODEX_CLI,
+        machine_pb2.TOOL_KIND_OLLAMA,
+    }
+)
+SHELL, TEST = machine_pb2.TOOL_KIND_SHELL, machine_pb2.TOOL_KIND_TEST
+SENSITIVE = work_pb2.PRIVACY_LEVEL_SENSITIVE
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,11 @@ class Candidate:
     avoid_tool_hard: bool = False
 
 
-# maw.scheduler.v1.UnschedulableCode values.
-NO_MATCHING_TOOL, NO_MATCHING_LABELS, NO_PRIVACY_FIT, NO_AGENTS, NO_FREE_SLOT = 1, 2, 3, 4, 5
+NO_MATCHING_TOOL = spb.UNSCHEDULABLE_CODE_NO_MATCHING_TOOL
+NO_MATCHING_LABELS = spb.UNSCHEDULABLE_CODE_NO_MATCHING_LABELS
+NO_PRIVACY_FIT = spb.UNSCHEDULABLE_CODE_NO_PRIVACY_FIT
+NO_AGENTS = spb.UNSCHEDULABLE_CODE_NO_AGENTS
+NO_FREE_SLOT = spb.UNSCHEDULABLE_CODE_NO_FREE_SLOT
 
 
 def tool_for(agent: AgentView, cand: Candidate) -> int | None:
@@ -179,3 +192,22 @@ def unschedulable(cand: Candidate, agents: Sequence[AgentView]) -> int | None:
     if any(r is None for r in reasons):
         return None
     return max(set(reasons), key=reasons.count)
+
+
+def candidate_of(r: dict[str, Any]) -> Candidate:
+    """A candidate from a claimed or sampled subtask row (store.claim_candidates, store.ready_sample)."""
+    return Candidate(
+        task_id=r["task_id"],
+        key=r["key"],
+        tool_kind=r["tool_kind"],
+        required_labels=r["required_labels"] or {},
+        privacy_level=r["privacy_level"],
+        priority=r["priority"],
+        task_priority=r["task_priority"],
+        task_running=r["running_count"],
+        task_max_concurrency=r["max_concurrency"],
+        ready_time=r["ready_time"] or datetime.now(UTC),
+        avoid_worker=r.get("avoid_worker") or "",
+        avoid_tool=r.get("avoid_tool") or 0,
+        avoid_tool_hard=bool(r.get("avoid_tool_hard")),
+    )

@@ -1,4 +1,4 @@
-"""The scheduler's public servicers: TaskService, TemplateService, StatsService (thin: translate,
+"""TaskService: tasks and subtasks created, read, changed, retried, cancelled and watched (thin: translate,
 validate, call the store or the engine, map errors)."""
 
 from __future__ import annotations
@@ -12,16 +12,11 @@ from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf import field_mask_pb2
 from maw.common.v1 import work_pb2
 from maw.evaluator.v1 import resources_pb2 as epb
 from maw.scheduler.v1 import resources_pb2 as spb
-from maw.scheduler.v1 import stats_service_pb2 as stpb
-from maw.scheduler.v1 import stats_service_pb2_grpc as stpb_grpc
 from maw.scheduler.v1 import task_service_pb2 as tpb
 from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
-from maw.scheduler.v1 import template_service_pb2 as tmpb
-from maw.scheduler.v1 import template_service_pb2_grpc as tmpb_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime import already_exists, failed_precondition, invalid_argument, not_found, replay
@@ -29,11 +24,13 @@ from services.runtime.principal import current_principal
 
 from . import _convert as conv
 from . import dag, store, voting
-from .engine import LOG_KIND, Engine, EventLog, now_utc
+from .engine import Engine
+from .events import LOG_KIND, EventLog
 from .names import ID_PATTERN, parse_subtask, parse_task, task_name
 from .settings import SchedulerSettings
 from .states import TERMINAL_TASK, SubtaskState, TaskState
 from .templates import BUILTIN, BY_TASK_TYPE
+from .wire import now_utc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_DESCRIPTION = 100 * 1024
@@ -41,7 +38,7 @@ MAX_BATCH = 1000
 TASK_FILTER = {"state": "state", "creator": "creator", "priority": "priority"}
 TASK_ENUMS = {
     "state": {s.name: int(s) for s in TaskState},
-    "priority": {"LOW": 1, "NORMAL": 2, "HIGH": 3, "URGENT": 4},
+    "priority": {v.name.removeprefix("PRIORITY_"): v.number for v in work_pb2.Priority.DESCRIPTOR.values if v.number},
 }
 SUBTASK_FILTER = {"state": "state", "worker": "worker", "key": "key"}
 SUBTASK_ENUMS = {"state": {s.name: int(s) for s in SubtaskState}}
@@ -228,7 +225,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                 if earlier is not None:  # a concurrent retry of the same request won the race
                     return await self._created(earlier.id)
             raise
-        await self.engine._announce(touched, True)
+        await self.engine.after_commit(touched, True)
         return await self._created(task_id)
 
     async def _created(self, task_id: str) -> tpb.CreateTaskResponse:
@@ -461,7 +458,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             row = (await store.get_subtasks(conn, task_id, [key]))[0]
             response = tpb.RetrySubtaskResponse(subtask=conv.subtask_message(row))
             await replay.keep(conn, "RetrySubtask", creator, request.request_id, response)
-        await self.engine._announce(touched, True)
+        await self.engine.after_commit(touched, True)
         return response
 
     # -- watch ------------------------------------------------------------------------------------------------
@@ -514,157 +511,3 @@ def _mentions(event: tpb.TaskEvent, names: set[str]) -> bool:
     if kind == "subtask_log_chunk":
         return event.subtask_log_chunk.subtask in names
     return True
-
-
-class TemplateService(tmpb_grpc.TemplateServiceServicer):
-    """Built-in (read-only) and saved workflow templates."""
-
-    def __init__(self, db: AsyncEngine) -> None:
-        self.db = db
-
-    @staticmethod
-    def _validate(template: spb.Template, prefix: str = "template") -> None:
-        problems = []
-        if not template.display_name.strip():
-            problems.append((f"{prefix}.display_name", "must not be empty"))
-        if len(template.display_name) > dag.MAX_DISPLAY_NAME:
-            problems.append((f"{prefix}.display_name", f"at most {dag.MAX_DISPLAY_NAME} characters"))
-        if len(template.description.encode()) > MAX_DESCRIPTION:
-            problems.append((f"{prefix}.description", f"at most {MAX_DESCRIPTION} bytes"))
-        problems += dag.validate([conv.step_from_spec(s) for s in template.steps], f"{prefix}.steps")
-        if problems:
-            raise invalid_argument(problems)
-
-    @staticmethod
-    def _id(name: str, field: str = "name") -> str:
-        template_id = name.removeprefix("templates/")
-        if not name.startswith("templates/") or not ID_PATTERN.match(template_id):
-            raise invalid_argument([(field, "must be templates/{template}")])
-        return template_id
-
-    async def ListTemplates(self, request: tmpb.ListTemplatesRequest, context: Ctx) -> tmpb.ListTemplatesResponse:
-        size = conv.page_size(request.page_size)
-        offset = 0
-        if request.page_token:
-            token = conv.decode_token(request.page_token)
-            if not isinstance(token.get("n"), int):
-                raise invalid_argument([("page_token", "not a page token for this listing")])
-            offset = token["n"]
-        if request.filter and request.filter.strip() not in ("built_in = true", "built_in = false"):
-            raise invalid_argument([("filter", "supported: built_in = true | built_in = false")])
-        async with self.db.connect() as conn:
-            saved = [spb.Template.FromString(b) for b in await store.list_templates(conn)]
-        everything = [conv.builtin_template(t) for t in BUILTIN.values()] + saved
-        if request.filter:
-            want = request.filter.strip().endswith("true")
-            everything = [t for t in everything if t.built_in == want]
-        page = everything[offset : offset + size]
-        next_token = conv.encode_token({"n": offset + size}) if offset + size < len(everything) else ""
-        return tmpb.ListTemplatesResponse(templates=page, next_page_token=next_token)
-
-    async def GetTemplate(self, request: tmpb.GetTemplateRequest, context: Ctx) -> tmpb.GetTemplateResponse:
-        if request.name in BUILTIN:
-            return tmpb.GetTemplateResponse(template=conv.builtin_template(BUILTIN[request.name]))
-        template_id = self._id(request.name)
-        async with self.db.connect() as conn:
-            saved = await store.get_template(conn, template_id)
-        if saved is None:
-            raise not_found("maw.scheduler.v1.Template", request.name)
-        return tmpb.GetTemplateResponse(template=spb.Template.FromString(saved[0]))
-
-    async def CreateTemplate(self, request: tmpb.CreateTemplateRequest, context: Ctx) -> tmpb.CreateTemplateResponse:
-        template_id = request.template_id or uuid.uuid4().hex[:12]
-        if not ID_PATTERN.match(template_id):
-            raise invalid_argument([("template_id", "must match [a-z0-9][a-z0-9-]{0,62}")])
-        self._validate(request.template)
-        name = f"templates/{template_id}"
-        if name in BUILTIN:
-            raise already_exists("maw.scheduler.v1.Template", name)
-        creator = _creator()
-        template = spb.Template()
-        template.CopyFrom(request.template)
-        template.name, template.built_in, template.creator = name, False, creator
-        template.etag = uuid.uuid4().hex[:12]
-        stamp = conv.ts(now_utc())
-        assert stamp is not None
-        template.create_time.CopyFrom(stamp)
-        template.update_time.CopyFrom(stamp)
-        if request.validate_only:
-            return tmpb.CreateTemplateResponse(template=template)
-        async with self.db.begin() as conn:
-            if earlier := await replay.recall(
-                conn, "CreateTemplate", creator, request.request_id, tmpb.CreateTemplateResponse
-            ):
-                return earlier
-            if not await store.insert_template(conn, template_id, template.SerializeToString(), creator, template.etag):
-                raise already_exists("maw.scheduler.v1.Template", name)
-            response = tmpb.CreateTemplateResponse(template=template)
-            await replay.keep(conn, "CreateTemplate", creator, request.request_id, response)
-        return response
-
-    async def UpdateTemplate(self, request: tmpb.UpdateTemplateRequest, context: Ctx) -> tmpb.UpdateTemplateResponse:
-        if request.template.name in BUILTIN:
-            raise failed_precondition("BUILT_IN", request.template.name, "built-in templates are read-only")
-        template_id = self._id(request.template.name, "template.name")
-        allowed = {"display_name", "description", "steps", "labels", "default_priority",
-                   "default_privacy_level", "default_checkpoint_frequency"}  # fmt: skip
-        paths = list(request.update_mask.paths) or sorted(allowed)
-        bad = [p for p in paths if p not in allowed]
-        if bad:
-            raise invalid_argument([("update_mask", f"cannot update {', '.join(bad)}")])
-        async with self.db.begin() as conn:
-            saved = await store.get_template(conn, template_id)
-            if saved is None:
-                raise not_found("maw.scheduler.v1.Template", request.template.name)
-            if request.template.etag and request.template.etag != saved[1]:
-                raise failed_precondition(
-                    "ETAG_MISMATCH", request.template.name, "the template changed since it was read"
-                )
-            template = spb.Template.FromString(saved[0])
-            field_mask_pb2.FieldMask(paths=paths).MergeMessage(request.template, template, replace_repeated_field=True)
-            self._validate(template)
-            template.etag = uuid.uuid4().hex[:12]
-            stamp = conv.ts(now_utc())
-            assert stamp is not None
-            template.update_time.CopyFrom(stamp)
-            await store.update_template(conn, template_id, template.SerializeToString(), template.etag)
-        return tmpb.UpdateTemplateResponse(template=template)
-
-    async def DeleteTemplate(self, request: tmpb.DeleteTemplateRequest, context: Ctx) -> tmpb.DeleteTemplateResponse:
-        if request.name in BUILTIN:
-            raise failed_precondition("BUILT_IN", request.name, "built-in templates cannot be deleted")
-        template_id = self._id(request.name)
-        async with self.db.begin() as conn:
-            saved = await store.get_template(conn, template_id)
-            if saved is None:
-                raise not_found("maw.scheduler.v1.Template", request.name)
-            if request.etag and request.etag != saved[1]:
-                raise failed_precondition("ETAG_MISMATCH", request.name, "the template changed since it was read")
-            await store.delete_template(conn, template_id)
-        return tmpb.DeleteTemplateResponse()
-
-
-class StatsService(stpb_grpc.StatsServiceServicer):
-    """Counts for the dashboard and operators."""
-
-    def __init__(self, db: AsyncEngine, engine: Engine) -> None:
-        self.db = db
-        self.engine = engine
-
-    async def GetStats(self, request: stpb.GetStatsRequest, context: Ctx) -> stpb.GetStatsResponse:
-        both = request.HasField("start_time") and request.HasField("end_time")
-        if both and request.end_time.ToDatetime() <= request.start_time.ToDatetime():
-            raise invalid_argument([("end_time", "must be after start_time")])
-        async with self.db.connect() as conn:
-            tasks, subtasks, unschedulable, used = await store.state_counts(conn)
-        slots = sum(s.capacity for s in self.engine.sessions.values())
-        response = stpb.GetStatsResponse(
-            time=conv.ts(now_utc()),
-            task_state_counts=[stpb.TaskStateCount(state=s, count=n) for s, n in sorted(tasks.items())],  # type: ignore[arg-type]
-            subtask_state_counts=[spb.SubtaskStateCount(state=s, count=n) for s, n in sorted(subtasks.items())],  # type: ignore[arg-type]
-            total_slots=slots,
-            used_slots=used,
-            queue_depth=subtasks.get(int(SubtaskState.READY), 0),
-            unschedulable_subtasks=unschedulable,
-        )
-        return response

@@ -55,26 +55,12 @@ RELAY_LOCK = zlib.crc32(b"maw-scheduler-evaluation-relay")
 RELAY_BATCH = 500
 UPDATES_LOCK = zlib.crc32(b"maw-scheduler-task-update-relay")
 UPDATES_BATCH = 1000
-UPDATE_KINDS = (1, 3)  # task_state_changed, subtasks_added (engine._KINDS)
+UPDATE_KINDS = (tpb.TaskEvent.TASK_STATE_CHANGED_FIELD_NUMBER, tpb.TaskEvent.SUBTASKS_ADDED_FIELD_NUMBER)
 _ENDED = {
     spb.TASK_STATE_SUCCEEDED: ipb.TASK_UPDATE_KIND_SUCCEEDED,
     spb.TASK_STATE_FAILED: ipb.TASK_UPDATE_KIND_FAILED,
     spb.TASK_STATE_CANCELLED: ipb.TASK_UPDATE_KIND_CANCELLED,
 }
-
-JUDGED_TOOLS = frozenset(
-    {
-        machine_pb2.TOOL_KIND_CLAUDE_CODE,
-        machine_pb2.TOOL_KIND_GEMINI_CLI,
-        machine_pb2.TOOL_KIND_CODEX_CLI,
-        machine_pb2.TOOL_KIND_OLLAMA,
-    }
-)
-
-
-def is_judged(tool: int) -> bool:
-    """Whether a result of ``tool`` goes through evaluation (AI tools) or is judged by its outcome."""
-    return tool in JUDGED_TOOLS
 
 
 async def with_trigger(conn: AsyncConnection, task_ids: Collection[str], trigger: int) -> set[str]:
@@ -394,12 +380,10 @@ class EvaluationLink:
 
 __all__ = [
     "FINAL_ACCEPT_REASON",
-    "JUDGED_TOOLS",
     "EvaluationLink",
     "enqueue_results",
     "error_holds",
     "final_holds",
-    "is_judged",
     "lost_attempt",
     "update_of",
     "with_trigger",

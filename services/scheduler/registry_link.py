@@ -30,13 +30,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime.internal import internal_channel
 
-from .engine import Engine, Session, dur, ts
+from .engine import Engine
+from .session import Session
 from .settings import SchedulerSettings
+from .wire import dur, ts
 
 _log = logging.getLogger("maw.scheduler.registry")
 RELAY_LOCK = zlib.crc32(b"maw-scheduler-activity-relay")
 RELAY_BATCH = 1000
-STATE_KINDS = (1, 2, 3)  # task_state_changed, subtask_state_changed, subtasks_added (engine._KINDS)
+STATE_KINDS = (
+    tpb.TaskEvent.TASK_STATE_CHANGED_FIELD_NUMBER,
+    tpb.TaskEvent.SUBTASK_STATE_CHANGED_FIELD_NUMBER,
+    tpb.TaskEvent.SUBTASKS_ADDED_FIELD_NUMBER,
+)
 
 
 def report_of(session: Session, replica: str, interval_s: float, connected: bool) -> wipb.WorkerReport:

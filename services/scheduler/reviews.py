@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import string
 import uuid
-from typing import TYPE_CHECKING
 
 from maw.common.v1 import work_pb2
 from maw.scheduler.v1 import resources_pb2 as spb
@@ -27,9 +26,7 @@ from . import _convert as conv
 from . import store
 from .names import subtask_name, try_parse_subtask
 from .states import SubtaskState
-
-if TYPE_CHECKING:
-    from .verdicts import _Applier
+from .verdict_context import REJECTED, Outcome, VerdictContext
 
 MAX_REVIEWERS = 5
 DIFF_LIMIT = 32_000
@@ -42,9 +39,8 @@ def _diff_block(diff: str) -> list[str]:
     return ["```diff", cut, "```", *note] if cut else ["(no change was made)"]
 
 
-async def request_reviews(applier: _Applier, task: store.TaskRow) -> None:
+async def request_reviews(applier: VerdictContext, task: store.TaskRow) -> None:
     """Create the REVIEW subtasks a RequestReviews verdict asks for (see the module docstring)."""
-    from .verdicts import REJECTED, Outcome
 
     ask = applier.v.request_reviews
     if not 1 <= ask.reviewers <= MAX_REVIEWERS:
@@ -59,7 +55,7 @@ async def request_reviews(applier: _Applier, task: store.TaskRow) -> None:
         compared.append(pair[1])
     if len(compared) > len(LABELS):
         raise Outcome(REJECTED, f"request_reviews.compare_subtasks: at most {len(LABELS)} solutions")
-    await applier._judged(row)
+    await applier.judged(row)
     spec = spb.SubtaskSpec.FromString(row.body)
     results = await store.latest_results(conn, row.task_id, sorted({row.key, *compared}))
 

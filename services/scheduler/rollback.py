@@ -28,7 +28,7 @@ import hashlib
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from maw.agent.v1 import agent_service_pb2 as apb
 from maw.scheduler.v1 import task_service_pb2 as tpb
@@ -41,10 +41,9 @@ from services.runtime.errors import failed_precondition, not_found
 
 from . import store
 from .names import subtask_name, try_parse_subtask
+from .settle import cancel_leases, settle_tasks
 from .states import LEASED, SubtaskState, TaskState
-
-if TYPE_CHECKING:
-    from .verdicts import _Applier
+from .verdict_context import REJECTED, Outcome, VerdictContext
 
 S, T = SubtaskState, TaskState
 _OPEN = frozenset({S.PENDING, S.READY})
@@ -250,9 +249,8 @@ async def get_rollback_plan(db: AsyncEngine, request: vpb.GetRollbackPlanRequest
 # -- the Rollback verdict -------------------------------------------------------------------------------------
 
 
-async def apply(ap: _Applier, task: store.TaskRow) -> None:
+async def apply(ap: VerdictContext, task: store.TaskRow) -> None:
     """Apply a Rollback verdict inside the applier's transaction (see the module docstring)."""
-    from .verdicts import REJECTED, Outcome
 
     verdict = ap.v.rollback
     checkpoint = verdict.checkpoint
@@ -275,7 +273,7 @@ async def apply(ap: _Applier, task: store.TaskRow) -> None:
     plan = plan_of(task.state, task.subtask_count, rows, mark, listed)
 
     leased = [by_key[k] for k in plan.reset + plan.excused if by_key[k].state in LEASED]
-    ap.engine._cancel_leases(ap.cancels, leased, apb.CANCEL_REASON_SUBTASK_CANCELLED, reason)
+    cancel_leases(ap.cancels, leased, apb.CANCEL_REASON_SUBTASK_CANCELLED, reason)
     reset = set(plan.reset)
     moved: list[tuple[str, int, int]] = []  # (key, new state, deps remaining)
     for r in rows:
@@ -319,7 +317,7 @@ async def apply(ap: _Applier, task: store.TaskRow) -> None:
     await store.update_task(ap.conn, task.id, **fields)
     if waited_at:
         ap.events.add(task.id, tpb.TaskEvent(checkpoint_resolved=tpb.CheckpointResolved(checkpoint=waited_at)))
-    await ap.engine._settle_tasks(ap.conn, {task.id: task}, ap.events, ap.cancels)
+    await settle_tasks(ap.conn, {task.id: task}, ap.events, ap.cancels)
     ap.ready = True
 
 

@@ -7,12 +7,14 @@ from pathlib import Path
 
 from services.runtime import Resources, ServiceDefinition
 
-from .api import StatsService, TaskService, TemplateService
+from .api import TaskService
 from .engine import Engine
 from .evaluation_link import EvaluationLink
 from .registry_link import RegistryLink
 from .settings import SchedulerSettings
+from .stats_api import StatsService
 from .stream import AgentService
+from .template_api import TemplateService
 from .verdicts import VerdictService
 
 

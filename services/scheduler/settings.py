@@ -28,3 +28,13 @@ class SchedulerSettings(ServiceSettings):
     max_batch_items: int = Field(1000, ge=1, description="Most items per agent-stream message.")
     unschedulable_check_s: float = Field(2.0, gt=0, description="How often READY work is checked for a fit.")
     queue_wait_limit_s: float = Field(0.0, ge=0, description="Default queue-wait limit (0: none).")
+    weight_tool: float = Field(0.5, ge=0, description="Allocation: weight of how well an agent's tool fits.")
+    weight_resources: float = Field(0.3, ge=0, description="Allocation: weight of an agent's free CPU/memory/disk.")
+    weight_privacy: float = Field(0.2, ge=0, description="Allocation: weight of the privacy fit.")
+    expiry_grace_s: float = Field(
+        30.0, ge=0, description="How long past its attempt deadline a leased attempt may run before it is requeued."
+    )
+    decline_avoid_s: float = Field(60.0, ge=0, description="How long an agent is not offered work it declined.")
+    retry_backoff_max_s: float = Field(300.0, gt=0, description="Longest delay before a retry.")
+    census_sample: int = Field(200, ge=1, description="READY subtasks checked per census for an agent that fits.")
+    max_diff_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest diff an agent may send back.")

@@ -15,7 +15,8 @@ from maw.agent.v1 import agent_service_pb2_grpc as apb_grpc
 from services.runtime import MawError, invalid_argument, permission_denied, unavailable
 from services.runtime.principal import PrincipalKind, current_principal
 
-from .engine import Closed, Engine, Session
+from .engine import Engine
+from .session import Closed, Session
 
 _log = logging.getLogger("maw.scheduler.stream")
 PROTOCOL_VERSION = 1

@@ -28,85 +28,25 @@ from maw.scheduler.v1 import task_service_pb2 as tpb
 from maw.scheduler.v1 import verdict_service_pb2 as vpb
 from maw.scheduler.v1 import verdict_service_pb2_grpc as vpb_grpc
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime import invalid_argument
 
 from . import _convert as conv
 from . import reviews, rollback, store, voting
-from .engine import Engine, EventLog, now_utc
-from .names import subtask_name, try_parse_subtask
-from .states import TERMINAL_TASK, SubtaskState, TaskState, TransitionError, check_subtask, check_task
+from .engine import Engine
+from .names import subtask_name
+from .settle import FINAL_ACCEPT_GIVEN, FINAL_ACCEPT_WAITING, cancel_leases
+from .states import TERMINAL_TASK, SubtaskState, TaskState
+from .verdict_context import APPLIED, DUPLICATE, HELD, REJECTED, STALE, Outcome, VerdictContext
+from .wire import now_utc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 S, T = SubtaskState, TaskState
-APPLIED, DUPLICATE = vpb.VERDICT_DISPOSITION_APPLIED, vpb.VERDICT_DISPOSITION_DUPLICATE
-STALE, REJECTED = vpb.VERDICT_DISPOSITION_STALE, vpb.VERDICT_DISPOSITION_REJECTED
-_HELD = (S.EVALUATING, S.CORRECTING, S.WAITING_CHECKPOINT)
 
 
-class Outcome(Exception):
-    """Ends applying one verdict with a disposition other than APPLIED (nothing it did is kept)."""
-
-    def __init__(self, disposition: int, message: str) -> None:
-        super().__init__(message)
-        self.disposition = disposition
-        self.message = message
-
-
-class _Applier:
-    """Applies one verdict inside one transaction."""
-
-    def __init__(self, conn: AsyncConnection, engine: Engine, verdict: vpb.Verdict) -> None:
-        self.conn = conn
-        self.engine = engine
-        self.v = verdict
-        self.events = EventLog()
-        self.cancels: list[dict[str, Any]] = []
-        self.created: list[str] = []
-        self.ready = False
-        self.task_id = verdict.task.removeprefix("tasks/")
-
-    async def task(self) -> store.TaskRow:
-        rows = await store.lock_tasks(self.conn, [self.task_id])
-        row = rows.get(self.task_id)
-        if row is None:
-            raise Outcome(REJECTED, f"unknown task {self.v.task!r}")
-        return row
-
-    async def subtask(self) -> store.SubtaskRow:
-        pair = try_parse_subtask(self.v.subtask)
-        if pair is None or pair[0] != self.task_id:
-            raise Outcome(REJECTED, f"subtask {self.v.subtask!r} is not a subtask of {self.v.task!r}")
-        rows = await store.lock_subtasks(self.conn, [pair])
-        row = rows.get(pair)
-        if row is None:
-            raise Outcome(REJECTED, f"unknown subtask {self.v.subtask!r}")
-        if row.attempt != self.v.attempt:
-            raise Outcome(STALE, f"attempt {self.v.attempt} was superseded by attempt {row.attempt}")
-        if row.state not in _HELD:
-            raise Outcome(STALE, f"the subtask is {S(row.state).name}, not waiting for a verdict")
-        return row
-
-    def move(self, row: store.SubtaskRow, new: SubtaskState, reason: str = "") -> None:
-        try:
-            check_subtask(S(row.state), new)
-        except TransitionError as exc:
-            raise Outcome(STALE, str(exc)) from exc
-        self.events.subtask_state(row.task_id, row.key, row.state, new, row.attempt, row.worker, reason)
-        row.state = new
-
-    def move_task(self, row: store.TaskRow, new: TaskState, reason: str) -> None:
-        try:
-            check_task(T(row.state), new)
-        except TransitionError as exc:
-            raise Outcome(STALE, str(exc)) from exc
-        self.events.task_state(row, row.state, new, reason)
-        row.state = new
-
-    async def settle(self, deltas: dict[str, int]) -> None:
-        tasks = await store.bump_task_counters(self.conn, {self.task_id: deltas})
-        await self.engine._settle_tasks(self.conn, tasks, self.events, self.cancels)
+class _Applier(VerdictContext):
+    """Applies one verdict: dispatches on its action."""
 
     async def run(self) -> None:
         action = self.v.WhichOneof("action")
@@ -147,14 +87,14 @@ class _Applier:
 
     async def accept(self, task: store.TaskRow) -> None:
         row = await self.subtask()
-        await self._judged(row)
+        await self.judged(row)
         root = (await self._corrects(row)) or row.key
         chain = await self.conn.execute(
             text(
                 "SELECT key FROM subtasks WHERE task_id = :t AND (key = :r OR corrects = :r) AND key <> :k"
                 " AND state = ANY(:held) ORDER BY key FOR UPDATE"
             ),
-            {"t": row.task_id, "r": root, "k": row.key, "held": [int(s) for s in _HELD]},
+            {"t": row.task_id, "r": root, "k": row.key, "held": [int(s) for s in HELD]},
         )
         keys = [row.key] + [r[0] for r in chain]
         rows = await store.lock_subtasks(self.conn, [(row.task_id, k) for k in keys])
@@ -182,7 +122,7 @@ class _Applier:
 
     async def correct(self, task: store.TaskRow) -> None:
         row = await self.subtask()
-        await self._judged(row)
+        await self.judged(row)
         root_key = (await self._corrects(row)) or row.key
         root = (await store.get_subtasks(self.conn, row.task_id, [root_key]))[0]
         spec = spb.SubtaskSpec.FromString(root.body)
@@ -230,7 +170,7 @@ class _Applier:
         )
         await store.update_task(self.conn, row.task_id, subtask_count=task.subtask_count + 1)
         if self.v.correct.apply_to_future and self.v.correct.feedback:
-            # The person's words also reach every subtask that has not run yet (engine._assignments adds them).
+            # The person's words also reach every subtask that has not run yet (assignments.py adds them).
             await self.conn.execute(
                 text(
                     "UPDATE subtasks SET feedback = feedback || CAST(:fb AS bytea[]), update_time = now()"
@@ -259,7 +199,7 @@ class _Applier:
         await rollback.record_mark(self.conn, task.id, checkpoint, self.v.subtask)  # what a rollback keeps
         if self.v.subtask:
             row = await self.subtask()
-            await self._judged(row)
+            await self.judged(row)
             self.move(row, S.WAITING_CHECKPOINT, self.v.pause.reason)
             await self.conn.execute(
                 text(
@@ -292,7 +232,7 @@ class _Applier:
 
     async def reject(self) -> None:
         row = await self.subtask()
-        await self._judged(row)
+        await self.judged(row)
         self.move(row, S.FAILED, self.v.reject.reason)
         await store.set_subtask_states(self.conn, [{"task_id": row.task_id, "key": row.key, "state": int(S.FAILED),
                                                     "end_time": now_utc(),
@@ -312,9 +252,9 @@ class _Applier:
         if self.v.resume.checkpoint:
             self.events.add(task.id, tpb.TaskEvent(checkpoint_resolved=tpb.CheckpointResolved(
                 checkpoint=self.v.resume.checkpoint)))  # fmt: skip
-        if task.final_accept == 1:  # it waited for final acceptance: given now, so the task succeeds
-            await store.update_task(self.conn, task.id, final_accept=2)
-            task.final_accept = 2
+        if task.final_accept == FINAL_ACCEPT_WAITING:  # it waited for final acceptance: given now, so the task succeeds
+            await store.update_task(self.conn, task.id, final_accept=FINAL_ACCEPT_GIVEN)
+            task.final_accept = FINAL_ACCEPT_GIVEN
             await self.settle({})
         self.ready = True
 
@@ -327,7 +267,7 @@ class _Applier:
         rows = await store.cancel_live_subtasks(self.conn, [task.id], reason)
         for sub in rows:
             self.events.subtask_state(sub.task_id, sub.key, sub.state, S.CANCELLED, sub.attempt, None, reason)
-        self.engine._cancel_leases(self.cancels, rows, apb.CANCEL_REASON_TASK_CANCELLED, reason)
+        cancel_leases(self.cancels, rows, apb.CANCEL_REASON_TASK_CANCELLED, reason)
         self.move_task(task, T.CANCELLED, reason)
         await store.update_task(self.conn, task.id, state=int(T.CANCELLED), state_message=reason[:2000],
                                 end_time=now_utc(), running_count=0, checkpoint="",
@@ -354,7 +294,7 @@ async def apply_verdict(db: AsyncEngine, engine: Engine, verdict: vpb.Verdict) -
         if fresh.first() is None:
             ack.disposition = DUPLICATE
             return ack
-        applier = _Applier(conn, engine, verdict)
+        applier = _Applier(conn, verdict)
         savepoint = await conn.begin_nested()
         try:
             await applier.run()
@@ -370,8 +310,7 @@ async def apply_verdict(db: AsyncEngine, engine: Engine, verdict: vpb.Verdict) -
             text("UPDATE applied_verdicts SET disposition = :d, message = :m, created = :c WHERE verdict_id = :v"),
             {"d": int(ack.disposition), "m": ack.message, "c": list(ack.created_subtasks), "v": verdict.verdict_id},
         )
-    await engine._deliver_cancels(cancels)
-    await engine._announce(touched, ready)
+    await engine.after_commit(touched, ready, cancels)
     return ack
 
 

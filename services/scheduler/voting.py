@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from maw.common.v1 import work_pb2
 from maw.evaluator.v1 import resources_pb2 as epb
@@ -35,9 +35,7 @@ from . import allocation, store
 from .names import subtask_name, try_parse_subtask
 from .reviews import MAX_REVIEWERS
 from .states import SubtaskState
-
-if TYPE_CHECKING:
-    from .verdicts import _Applier
+from .verdict_context import REJECTED, STALE, Outcome, VerdictContext
 
 S = SubtaskState
 MAX_SOLUTIONS = 10
@@ -128,9 +126,8 @@ def expand(task: spb.Task, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-async def select_solution(ap: _Applier) -> None:
+async def select_solution(ap: VerdictContext) -> None:
     """Apply SelectSolution: losers NOT_SELECTED, a winning alternative SUCCEEDS and lends the logical its result."""
-    from .verdicts import STALE, Outcome
 
     select = ap.v.select_solution
     logical = await ap.subtask()  # held, at the verdict's attempt
@@ -166,7 +163,7 @@ async def select_solution(ap: _Applier) -> None:
         )
     succeeded = 0
     if winner.key != logical.key:
-        await ap._judged(winner)
+        await ap.judged(winner)
         ap.move(winner, S.SUCCEEDED, f"selected by {round_name}")
         await store.set_subtask_states(ap.conn, [{"task_id": ap.task_id, "key": winner.key,
                                                   "state": int(S.SUCCEEDED), "checkpoint": ""}])  # fmt: skip
@@ -179,9 +176,8 @@ async def select_solution(ap: _Applier) -> None:
     await ap.settle({"succeeded": succeeded, "excused": len(losers)})
 
 
-async def _adopt(ap: _Applier, logical: store.SubtaskRow, winner: store.SubtaskRow) -> None:
+async def _adopt(ap: VerdictContext, logical: store.SubtaskRow, winner: store.SubtaskRow) -> None:
     """The winner's result becomes the logical subtask's next attempt (so dependents receive it)."""
-    from .verdicts import REJECTED, Outcome
 
     found = (
         await ap.conn.execute(

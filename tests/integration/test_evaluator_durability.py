@@ -15,6 +15,7 @@ import grpc
 import psycopg
 import pytest
 from maw.scheduler.v1 import resources_pb2 as spb
+from maw.scheduler.v1 import task_service_pb2 as tpb
 
 from deploy.local import Stack
 from tests.integration.clients import Metadata, ScriptedAgent, eventually
@@ -83,8 +84,9 @@ async def test_a_verdict_survives_kill_9_of_the_evaluator_and_applies_exactly_on
     assert applied == [(1,), (1,)], "CORRECT then ACCEPT, each recorded once as APPLIED"
     transitions = _query(
         stack,
-        "SELECT count(*) FROM scheduler.task_events WHERE task_id = %s AND kind = 3",  # subtasks_added
+        "SELECT count(*) FROM scheduler.task_events WHERE task_id = %s AND kind = %s",
         task_id,
+        tpb.TaskEvent.SUBTASKS_ADDED_FIELD_NUMBER,
     )
     assert transitions == [(2,)], "the plan, then exactly one correction"
     assert not _query(stack, "SELECT 1 FROM evaluator.outbox WHERE task_id = %s", task_id), "outbox drained"

@@ -287,10 +287,15 @@ async def test_when_every_solution_fails_a_person_is_asked_and_approving_accepts
     await eventually(asked, 30, "the checkpoint for a round without a usable solution")
     (checkpoint,) = await asked()
     assert "no solution is usable" in checkpoint.reason
-    assert await subtask_states(channels, admin, name) == {
-        "implement": spb.SUBTASK_STATE_WAITING_CHECKPOINT,
-        "implement-alt-1": spb.SUBTASK_STATE_EVALUATING,
-    }, "failed solutions are held: they do not fail the task by themselves"
+    held = {"implement": spb.SUBTASK_STATE_WAITING_CHECKPOINT, "implement-alt-1": spb.SUBTASK_STATE_EVALUATING}
+
+    async def paused() -> bool:  # the checkpoint opens before its pause verdict reaches the scheduler
+        return await subtask_states(channels, admin, name) == held
+
+    await eventually(paused, 15, "the pause verdict of the round's checkpoint")
+    assert await subtask_states(channels, admin, name) == held, (
+        "failed solutions are held: they do not fail the task by themselves"
+    )
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.DecideCheckpoint(
             cpb.DecideCheckpointRequest(name=checkpoint.name, decision=epb.CHECKPOINT_DECISION_APPROVE,

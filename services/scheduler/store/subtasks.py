@@ -119,7 +119,11 @@ async def set_subtask_states(conn: AsyncConnection, changes: Sequence[dict[str, 
 
 
 async def requeue(
-    conn: AsyncConnection, pairs: Sequence[tuple[str, str]], count_failure: bool, backoff_base_s: float
+    conn: AsyncConnection,
+    pairs: Sequence[tuple[str, str]],
+    count_failure: bool,
+    backoff_base_s: float,
+    backoff_max_s: float = 300.0,
 ) -> None:
     """Send leased subtasks back to READY (after backoff when the attempt counts as a failure)."""
     if not pairs:
@@ -130,7 +134,7 @@ async def requeue(
             " attempt_deadline = NULL,"
             " failures = s.failures + :f, ready_time = now(), update_time = now(),"
             " next_attempt_time = CASE WHEN :f = 1"
-            "   THEN now() + make_interval(secs => least(300, :base * power(2, s.failures))) END"
+            "   THEN now() + make_interval(secs => least(:most, :base * power(2, s.failures))) END"
             " FROM unnest(CAST(:t AS text[]), CAST(:k AS text[])) AS v(task_id, key)"
             " WHERE s.task_id = v.task_id AND s.key = v.key"
         ),
@@ -139,6 +143,7 @@ async def requeue(
             "k": [p[1] for p in pairs],
             "f": 1 if count_failure else 0,
             "base": backoff_base_s,
+            "most": backoff_max_s,
         },
     )
 
