@@ -1,4 +1,4 @@
-"""The agent's side of the Connect protocol as pure functions: the messages it sends and how it reads replies."""
+"""The agent's side of the Connect protocol as functions: the channel, the messages it sends, reading replies."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import socket
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -14,18 +16,82 @@ from maw.agent.v1 import agent_service_pb2 as agent_pb2
 from maw.common.v1 import machine_pb2, work_pb2
 
 from maw_agent import __version__
-from maw_agent._execution import Execution
 from maw_agent._workspace import Workspaces
 from maw_agent.config import AgentConfig
 from maw_agent.tools import ToolAdapter, ToolInfo
 
 PROTOCOL_VERSION = 1
+DEFAULT_HEARTBEAT_S = 10.0
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
+
+_CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.enable_retries", 0),
+)
 
 GOOD_DISPOSITIONS = (agent_pb2.RESULT_DISPOSITION_ACCEPTED, agent_pb2.RESULT_DISPOSITION_DUPLICATE)
 _TOOL_KINDS = frozenset(machine_pb2.ToolKind.values())
 _CANCEL_REASONS = frozenset(agent_pb2.CancelReason.values())
 
 Refusal = tuple[agent_pb2.DeclineReason.ValueType, str]
+ConnectCall = grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse]
+
+
+class Running(Protocol):
+    """What the messages tell about an assignment running here (an ``Execution``)."""
+
+    @property
+    def assignment(self) -> agent_pb2.Assignment: ...
+    @property
+    def process_alive(self) -> bool: ...
+
+    discard: bool
+    progress_percent: int
+    start_time: float
+    last_output_time: float
+
+
+@dataclass(frozen=True)
+class SessionTerms:
+    """What the Welcome settles for a session: heartbeat interval, batch limits, the scheduler's clock skew."""
+
+    heartbeat_s: float
+    max_items: int
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    clock_skew: float = 0.0
+
+    @classmethod
+    def welcomed(cls, welcome: agent_pb2.Welcome, config: AgentConfig, clock_skew: float) -> SessionTerms:
+        """The terms of ``welcome``; the configuration's own heartbeat and batch limit win when set.
+
+        ``clock_skew`` (the last one measured) stays when the Welcome carries no server time.
+        """
+        limit = welcome.max_message_bytes if welcome.max_message_bytes > 0 else DEFAULT_MAX_MESSAGE_BYTES
+        if welcome.HasField("server_time"):
+            skew = epoch_seconds(welcome.server_time) - time.time()
+            clock_skew = skew if abs(skew) > 2 else 0.0
+        return cls(
+            heartbeat_s=config.heartbeat_interval_s or duration_seconds(welcome.heartbeat_interval) or 10.0,
+            max_items=welcome.max_batch_items if welcome.max_batch_items > 0 else config.max_batch_items,
+            max_bytes=max(64 << 10, int(limit * 0.9)),
+            clock_skew=clock_skew,
+        )
+
+
+def open_channel(config: AgentConfig) -> grpc.aio.Channel:
+    """The channel to the scheduler (or the gateway) the configuration names, TLS when asked for."""
+    if not config.tls:
+        return grpc.aio.insecure_channel(config.server, options=_CHANNEL_OPTIONS)
+    roots = config.tls_ca_file.read_bytes() if config.tls_ca_file is not None else None
+    options: list[tuple[str, str | int]] = list(_CHANNEL_OPTIONS)
+    if config.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", config.tls_server_name))
+    return grpc.aio.secure_channel(
+        config.server, grpc.ssl_channel_credentials(root_certificates=roots), options=options
+    )
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -53,7 +119,7 @@ def platform_name() -> str:
 
 
 def held_assignments(
-    running: Iterable[Execution], finished: Iterable[agent_pb2.Result]
+    running: Iterable[Running], finished: Iterable[agent_pb2.Result]
 ) -> list[agent_pb2.HeldAssignment]:
     """What the agent still holds: assignments running (not discarded) and results waiting for their ack."""
     held = [
@@ -115,9 +181,7 @@ def hello(
     return agent_pb2.ConnectRequest(hello=message)
 
 
-def heartbeat(
-    running: Iterable[Execution], resources: machine_pb2.ResourceUsage, free_slots: int
-) -> agent_pb2.Heartbeat:
+def heartbeat(running: Iterable[Running], resources: machine_pb2.ResourceUsage, free_slots: int) -> agent_pb2.Heartbeat:
     """A Heartbeat: the machine's resources, free slots and every running (not discarded) assignment."""
     message = agent_pb2.Heartbeat(resources=resources, free_slots=free_slots, sent_time=timestamp(time.time()))
     for execution in running:
@@ -155,7 +219,7 @@ def cancel_text(cancel: agent_pb2.Cancel) -> str:
     return f"cancelled ({reason}){': ' + cancel.message if cancel.message else ''}"
 
 
-async def call_status(call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse]) -> str:
+async def call_status(call: ConnectCall) -> str:
     """The status a finished Connect call ended with, as ``CODE: details``."""
     try:
         code = await call.code()

@@ -1,5 +1,6 @@
-"""The agent: one stream to the scheduler (AgentService.Connect), slots that run tools, and the rules of
-the protocol (protos/maw/agent/v1/agent_service.proto, header comment) on the agent's side.
+"""The agent: one stream to the scheduler (AgentService.Connect) and slots that run what it assigns.
+
+It keeps the rules of the protocol (protos/maw/agent/v1/agent_service.proto, header comment) on the agent's side.
 
 `Agent(config).run()` connects, reconnects forever (exponential backoff with full jitter, reset after
 a healthy session), and returns an exit code once `stop()` has finished its work: 0 after a graceful
@@ -13,7 +14,6 @@ import contextlib
 import dataclasses
 import fcntl
 import logging
-import os
 import random
 import time
 from collections.abc import Iterable
@@ -27,8 +27,11 @@ from maw.common.v1 import work_pb2
 from maw_agent._backoff import Backoff
 from maw_agent._execution import Execution, ExecutionSettings
 from maw_agent._messages import (
+    DEFAULT_HEARTBEAT_S,
     GOOD_DISPOSITIONS,
     PROTOCOL_VERSION,
+    ConnectCall,
+    SessionTerms,
     call_status,
     cancel_text,
     describe,
@@ -37,15 +40,17 @@ from maw_agent._messages import (
     heartbeat,
     held_assignments,
     hello,
+    open_channel,
     refusal,
 )
 from maw_agent._outbox import Outbox
 from maw_agent._resources import ResourceSampler
 from maw_agent._sandbox import ensure_sandbox, limits_of, sandbox_of
+from maw_agent._sender import send_loop
 from maw_agent._spool import LeaseKey, ResultSpool, lease_key
 from maw_agent._workspace import Workspaces
 from maw_agent.config import AgentConfig
-from maw_agent.tools import ToolAdapter, ToolInfo, adapters
+from maw_agent.tools import ToolAdapter, ToolInfo, adapters, usable
 
 __all__ = ["PROTOCOL_VERSION", "Agent", "SessionError"]
 
@@ -53,18 +58,9 @@ EXIT_IMMEDIATE = 130
 
 log = logging.getLogger("maw_agent")
 
-_DEFAULT_HEARTBEAT_S = 10.0
-_DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
 _WATCHDOG_TICK_S = 0.2
 _GOODBYE_WAIT_S = 5.0
 _HANDBACK_KILL_GRACE_S = 5.0
-_CHANNEL_OPTIONS = (
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.enable_retries", 0),
-)
 
 
 class SessionError(Exception):
@@ -105,10 +101,7 @@ class Agent:
         self._sampler: ResourceSampler | None = None
         self._lock_file: IO[str] | None = None
         # Per session.
-        self._heartbeat_s = _DEFAULT_HEARTBEAT_S
-        self._max_items = config.max_batch_items
-        self._max_bytes = _DEFAULT_MAX_MESSAGE_BYTES
-        self._clock_skew = 0.0
+        self._terms = SessionTerms(DEFAULT_HEARTBEAT_S, config.max_batch_items)
         self._drain: agent_pb2.Drain | None = None
         self._drain_event = asyncio.Event()
         self._stop_sending = False
@@ -198,13 +191,7 @@ class Agent:
         if self._spool.pending:
             log.info("%d result(s) from an earlier run wait for their ack", len(self._spool.pending))
         self._sampler = ResourceSampler(work_dir)
-        for name, adapter in self._adapters.items():
-            info = await adapter.detect()
-            if info is None:
-                log.warning("tool %s is enabled but not usable on this machine; not offered", name)
-                continue
-            self._by_kind[adapter.kind] = (adapter, info)
-            log.info("tool %s %s ready", name, info.version)
+        self._by_kind = await usable(self._adapters)
 
     async def _teardown(self) -> None:
         for execution in list(self._runs.values()):
@@ -281,20 +268,9 @@ class Agent:
 
     # --- the stream ------------------------------------------------------------------------------
 
-    def _channel(self) -> grpc.aio.Channel:
-        if not self.config.tls:
-            return grpc.aio.insecure_channel(self.config.server, options=_CHANNEL_OPTIONS)
-        roots = self.config.tls_ca_file.read_bytes() if self.config.tls_ca_file is not None else None
-        options: list[tuple[str, str | int]] = list(_CHANNEL_OPTIONS)
-        if self.config.tls_server_name:
-            options.append(("grpc.ssl_target_name_override", self.config.tls_server_name))
-        return grpc.aio.secure_channel(
-            self.config.server, grpc.ssl_channel_credentials(root_certificates=roots), options=options
-        )
-
     async def _session(self) -> _SessionEnd:
         timeout = self.config.handshake_timeout_s
-        async with self._channel() as channel:
+        async with open_channel(self.config) as channel:
             stub = agent_grpc.AgentServiceStub(channel)
             call = stub.Connect(metadata=(("authorization", f"Bearer {self._credential}"),))
             tasks: list[asyncio.Task[None]] = []
@@ -336,7 +312,7 @@ class Agent:
 
     async def _close_gracefully(
         self,
-        call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse],
+        call: ConnectCall,
         reader: asyncio.Task[None],
         sender: asyncio.Task[None],
         healthy: bool,
@@ -370,18 +346,10 @@ class Agent:
         self._drain = None
         self._drain_event.clear()
         self._stop_sending = False
-        self._heartbeat_s = self.config.heartbeat_interval_s or duration_seconds(welcome.heartbeat_interval) or 10.0
-        self._max_items = welcome.max_batch_items if welcome.max_batch_items > 0 else self.config.max_batch_items
-        limit = welcome.max_message_bytes if welcome.max_message_bytes > 0 else _DEFAULT_MAX_MESSAGE_BYTES
-        self._max_bytes = max(64 << 10, int(limit * 0.9))
-        if welcome.HasField("server_time"):
-            skew = epoch_seconds(welcome.server_time) - time.time()
-            self._clock_skew = skew if abs(skew) > 2 else 0.0
+        self._terms = SessionTerms.welcomed(welcome, self.config, self._terms.clock_skew)
         resumed = {lease_key(grant.lease) for grant in welcome.resumed}
         for grant in welcome.resumed:
-            execution = self._runs.get(lease_key(grant.lease))
-            if execution is not None and grant.HasField("attempt_deadline"):
-                execution.attempt_deadline = epoch_seconds(grant.attempt_deadline)
+            self._granted(grant)
         for lease in welcome.released:
             self._release(lease)
         unanswered = [key for key in self._runs if key not in resumed and not self._runs[key].discard]
@@ -393,10 +361,16 @@ class Agent:
             welcome.scheduler_replica or self.config.server,
             welcome.worker or self.config.worker,
             welcome.session_id,
-            self._heartbeat_s,
+            self._terms.heartbeat_s,
             len(welcome.resumed),
             len(welcome.released),
         )
+
+    def _granted(self, grant: agent_pb2.LeaseGrant) -> None:
+        """The scheduler (re)grants a lease: take its attempt deadline."""
+        execution = self._runs.get(lease_key(grant.lease))
+        if execution is not None and grant.HasField("attempt_deadline"):
+            execution.attempt_deadline = epoch_seconds(grant.attempt_deadline)
 
     def _release(self, lease: agent_pb2.Lease) -> None:
         """The scheduler no longer grants this lease: stop the tool and discard its result."""
@@ -408,9 +382,7 @@ class Agent:
             )
         self._spool.forget(lease)
 
-    async def _read_loop(
-        self, call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse]
-    ) -> None:
+    async def _read_loop(self, call: ConnectCall) -> None:
         while True:
             message = await call.read()
             if message is grpc.aio.EOF:
@@ -430,9 +402,7 @@ class Agent:
                 self._cancel(cancel)
         elif kind == "heartbeat_ack":
             for grant in message.heartbeat_ack.leases:
-                execution = self._runs.get(lease_key(grant.lease))
-                if execution is not None and grant.HasField("attempt_deadline"):
-                    execution.attempt_deadline = epoch_seconds(grant.attempt_deadline)
+                self._granted(grant)
         elif kind == "drain":
             log.info("scheduler asks to drain: %s", message.drain.message or message.drain.reason)
             self._drain = message.drain
@@ -440,40 +410,21 @@ class Agent:
         else:
             log.warning("ignoring an unexpected %s message", kind)
 
-    async def _send_loop(
-        self, call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse]
-    ) -> None:
+    async def _send_loop(self, call: ConnectCall) -> None:
         assert self._spool is not None
-        outbox = self._outbox
-        interval = self.config.flush_interval_ms / 1000
-        while True:
-            await outbox.ready.wait()
-            if self._stop_sending:
-                return
-            if interval and not outbox.full(self._max_items):
-                await asyncio.sleep(interval)
-            messages, has_results = outbox.take(self._max_items, self._max_bytes)
-            if has_results:
-                fd = self._spool.flush()
-                if fd is not None:
-                    try:
-                        await asyncio.to_thread(os.fsync, fd)
-                    except OSError as exc:
-                        # Only when compaction replaced the file meanwhile; it fsynced every pending result.
-                        log.debug("spool fsync: %s", exc)
-            for index, message in enumerate(messages):
-                try:
-                    await call.write(message)
-                except Exception as exc:
-                    outbox.put_back(messages[index:])
-                    log.debug("write failed: %s", exc)
-                    return
-                if message.HasField("goodbye"):
-                    self._goodbye_sent.set()
+        await send_loop(
+            call,
+            self._outbox,
+            self._spool,
+            self._terms,
+            flush_interval_s=self.config.flush_interval_ms / 1000,
+            stopped=lambda: self._stop_sending,
+            goodbye_sent=self._goodbye_sent,
+        )
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._heartbeat_s)
+            await asyncio.sleep(self._terms.heartbeat_s)
             if not self._stop_sending:
                 self._outbox.add_control(agent_pb2.ConnectRequest(heartbeat=self._heartbeat()))
 
@@ -571,18 +522,10 @@ class Agent:
         while True:
             await asyncio.sleep(_WATCHDOG_TICK_S)
             now = time.time()
-            server_now = now + self._clock_skew
             for execution in list(self._runs.values()):
-                if execution.stop_outcome is not None:
-                    continue
-                if execution.attempt_deadline is not None and server_now >= execution.attempt_deadline:
-                    execution.stop(work_pb2.OUTCOME_TIMED_OUT, "attempt deadline passed", self.config.cancel_grace_s)
-                    continue
-                silent = execution.no_progress_s
-                if silent is not None and now - execution.last_output_time >= silent:
-                    execution.stop(
-                        work_pb2.OUTCOME_TIMED_OUT, f"no output for {silent:g} s", self.config.cancel_grace_s
-                    )
+                why = execution.overdue(now, self._terms.clock_skew)
+                if why is not None:
+                    execution.stop(work_pb2.OUTCOME_TIMED_OUT, why, self.config.cancel_grace_s)
 
     def _server_now(self) -> float:
-        return time.time() + self._clock_skew
+        return time.time() + self._terms.clock_skew
