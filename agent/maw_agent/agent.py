@@ -16,7 +16,7 @@ import fcntl
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO
 
 import grpc
@@ -208,9 +208,7 @@ class Agent:
 
     async def _shutdown(self) -> None:
         grace = self.config.shutdown_grace_s
-        deadline = time.monotonic() + grace
-        while self._runs and time.monotonic() < deadline:
-            await self._wait_changed(deadline - time.monotonic())
+        await self._wait_while(lambda: bool(self._runs), grace)
         handed_back = []
         for execution in list(self._runs.values()):
             handed_back.append(execution.assignment.lease)
@@ -222,13 +220,9 @@ class Agent:
             )
         if handed_back:
             log.info("grace period of %g s over: handing back %d assignment(s)", grace, len(handed_back))
-        deadline = time.monotonic() + _HANDBACK_KILL_GRACE_S + 5
-        while self._runs and time.monotonic() < deadline:
-            await self._wait_changed(deadline - time.monotonic())
+        await self._wait_while(lambda: bool(self._runs), _HANDBACK_KILL_GRACE_S + 5)
         # Deliver the results that finished, so the next start has nothing to resend.
-        deadline = time.monotonic() + self.config.result_ack_wait_s
-        while self.pending_results and time.monotonic() < deadline:
-            await self._wait_changed(deadline - time.monotonic())
+        await self._wait_while(lambda: bool(self.pending_results), self.config.result_ack_wait_s)
         if self.connected.is_set() or handed_back:
             await self._say_goodbye(handed_back, agent_pb2.GOODBYE_REASON_SHUTDOWN, "agent stopped", _GOODBYE_WAIT_S)
         if self.pending_results:
@@ -258,10 +252,13 @@ class Agent:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._goodbye_sent.wait(), timeout=wait)
 
-    async def _wait_changed(self, seconds: float) -> None:
-        self._changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout=max(seconds, 0))
+    async def _wait_while(self, condition: Callable[[], bool], seconds: float) -> None:
+        """Wait until ``condition()`` is false (checked whenever work changes), at most ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while condition() and time.monotonic() < deadline:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=max(deadline - time.monotonic(), 0))
 
     def _notify(self) -> None:
         self._changed.set()
