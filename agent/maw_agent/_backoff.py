@@ -1,6 +1,7 @@
-"""Reconnect delays: exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff
-And Jitter"): the n-th delay is uniform in [0, min(max, initial * 2**n)], so agents that lost the same
-scheduler do not come back in step. A healthy session resets it.
+"""Reconnect delays: exponential backoff with full jitter, reset by a healthy session.
+
+The n-th delay is uniform in [0, min(max, initial * 2**n)] (AWS architecture blog, "Exponential Backoff
+And Jitter"), so agents that lost the same scheduler do not come back in step.
 """
 
 from __future__ import annotations

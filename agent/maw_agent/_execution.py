@@ -268,6 +268,20 @@ class Execution:
             result.diff.CopyFrom(diff)
         return result
 
+    def overdue(self, now: float, clock_skew: float) -> str | None:
+        """Why this assignment must time out at ``now`` (attempt deadline passed, silent too long), or None.
+
+        The attempt deadline is the scheduler's time: ``clock_skew`` is how far its clock is ahead of ours.
+        """
+        if self.stop_outcome is not None:
+            return None
+        if self.attempt_deadline is not None and now + clock_skew >= self.attempt_deadline:
+            return "attempt deadline passed"
+        silent = self.no_progress_s
+        if silent is not None and now - self.last_output_time >= silent:
+            return f"no output for {silent:g} s"
+        return None
+
     def stop(self, outcome: work_pb2.Outcome.ValueType, message: str, grace: float, *, discard: bool = False) -> None:
         """Stop the tool (once): SIGTERM to its group, `grace` seconds, SIGKILL; the Result says `outcome`."""
         self.discard = self.discard or discard

@@ -22,7 +22,7 @@ class ResourceSampler:
 
     def __init__(self, disk_path: Path) -> None:
         self._disk_path = disk_path
-        self._nvml: Any = _load_nvml()
+        self._nvml: Any = load_nvml()
         psutil.cpu_percent(interval=None)  # primes the counter; the first real sample is then meaningful
 
     def sample(self) -> machine_pb2.ResourceUsage:
@@ -70,7 +70,7 @@ class ResourceSampler:
         return gpus
 
 
-def _load_nvml() -> Any:
+def load_nvml() -> Any:
     """NVML (the `nvidia-ml-py` package) when installed and a driver answers; otherwise None."""
     try:
         import pynvml  # type: ignore[import-not-found]

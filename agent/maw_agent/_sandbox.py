@@ -15,6 +15,8 @@ group:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import resource
 import shutil
@@ -26,7 +28,11 @@ from pathlib import Path
 
 from maw.common.v1 import work_pb2
 
-__all__ = ["Limits", "Sandbox", "bwrap_problem"]
+from maw_agent.config import AgentConfig
+
+__all__ = ["Limits", "Sandbox", "bwrap_problem", "ensure_sandbox", "limits_of", "sandbox_of"]
+
+log = logging.getLogger("maw_agent")
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,35 @@ class Sandbox:
         if cwd is not None:
             args += ["--chdir", str(cwd.resolve())]
         return [*args, "--", *argv]
+
+
+def sandbox_of(config: AgentConfig) -> Sandbox:
+    """The sandbox the configuration asks for: what the tools must never see, what they may write."""
+    hidden = [*config.sandbox_hide]
+    if config.credential_file is not None:
+        hidden.append(config.credential_file)
+    return Sandbox(
+        mode=config.sandbox,
+        network=config.sandbox_network,
+        private_dirs=(config.work_dir,),
+        hidden_files=tuple(hidden),
+    )
+
+
+def limits_of(config: AgentConfig) -> Limits:
+    """The agent's default limits of every tool process, from the configuration."""
+    return Limits(**config.limits.model_dump())
+
+
+async def ensure_sandbox(mode: str) -> None:
+    """Check at start that the sandbox configured can be used; RuntimeError when bwrap is asked for but unusable."""
+    if mode == "bwrap":
+        problem = await asyncio.to_thread(bwrap_problem)
+        if problem is not None:
+            raise RuntimeError(f"sandbox: bwrap is configured but unusable: {problem}")
+        log.info("tools run in a bubblewrap sandbox")
+    else:
+        log.info("sandbox: none - tools run with rlimits only; sandbox: bwrap is recommended (docs/sandbox.md)")
 
 
 def _software_under_tmp(argv: Sequence[str]) -> list[str]:

@@ -34,6 +34,8 @@ from maw.registry.v1 import enrollment_service_pb2 as enrollment_pb2
 from maw.registry.v1 import enrollment_service_pb2_grpc as enrollment_grpc
 
 from maw_agent import __version__
+from maw_agent._messages import platform_name
+from maw_agent._resources import load_nvml
 from maw_agent._sandbox import bwrap_problem
 from maw_agent.config import AgentConfig
 from maw_agent.tools import ToolAdapter, ToolInfo, adapter_names, adapters
@@ -132,7 +134,7 @@ async def enroll(
         hostname=socket.gethostname(),
         display_name=display_name,
         agent_version=__version__,
-        platform=_platform(),
+        platform=platform_name(),
         tools=tools,
         request_id=str(uuid.uuid4()),
     )
@@ -248,9 +250,7 @@ async def doctor(config: AgentConfig | None, out: TextIO, *, server: str | None 
     resources.append(("disk", f"{_gib(disk.free)} free of {_gib(disk.total)} at {probe}"))
     if hasattr(os, "getloadavg"):
         resources.append(("load", " ".join(f"{value:.2f}" for value in os.getloadavg())))
-    from maw_agent._resources import _load_nvml
-
-    resources.append(("gpus", "NVIDIA (NVML)" if _load_nvml() is not None else "none found (NVML not available)"))
+    resources.append(("gpus", "NVIDIA (NVML)" if load_nvml() is not None else "none found (NVML not available)"))
     _table(out, "RESOURCES", ("resource", "value"), resources)
 
     problem = await asyncio.to_thread(bwrap_problem)
@@ -285,9 +285,3 @@ async def doctor(config: AgentConfig | None, out: TextIO, *, server: str | None 
 
 def _gib(value: float) -> str:
     return f"{value / (1 << 30):.1f} GiB"
-
-
-def _platform() -> str:
-    from maw_agent.agent import _platform as platform
-
-    return platform()

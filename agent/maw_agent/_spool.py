@@ -90,7 +90,7 @@ class ResultSpool:
         tmp = self._path.with_suffix(".tmp")
         with tmp.open("wb") as out:
             for result in self._pending.values():
-                out.write(_record(_RESULT, result.SerializeToString()))
+                out.write(encode_record(_RESULT, result.SerializeToString()))
             out.flush()
             os.fsync(out.fileno())
         self._file.close()
@@ -106,7 +106,7 @@ class ResultSpool:
             self._file.close()
 
     def _append(self, kind: bytes, payload: bytes) -> None:
-        record = _record(kind, payload)
+        record = encode_record(kind, payload)
         self._file.write(record)
         self._written += len(record)
 
@@ -134,7 +134,8 @@ class ResultSpool:
                 handle.truncate(offset)
 
 
-def _record(kind: bytes, payload: bytes) -> bytes:
+def encode_record(kind: bytes, payload: bytes) -> bytes:
+    """One spool record: kind, length and CRC-32 header, then the payload."""
     return _HEADER.pack(kind, len(payload), zlib.crc32(payload)) + payload
 
 

@@ -1,5 +1,6 @@
-"""The agent: one stream to the scheduler (AgentService.Connect), slots that run tools, and the rules of
-the protocol (protos/maw/agent/v1/agent_service.proto, header comment) on the agent's side.
+"""The agent: one stream to the scheduler (AgentService.Connect) and slots that run what it assigns.
+
+It keeps the rules of the protocol (protos/maw/agent/v1/agent_service.proto, header comment) on the agent's side.
 
 `Agent(config).run()` connects, reconnects forever (exponential backoff with full jitter, reset after
 a healthy session), and returns an exit code once `stop()` has finished its work: 0 after a graceful
@@ -13,52 +14,53 @@ import contextlib
 import dataclasses
 import fcntl
 import logging
-import os
-import platform
 import random
-import socket
-import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
 from maw.agent.v1 import agent_service_pb2 as agent_pb2
 from maw.agent.v1 import agent_service_pb2_grpc as agent_grpc
-from maw.common.v1 import machine_pb2, work_pb2
+from maw.common.v1 import work_pb2
 
-from maw_agent import __version__
 from maw_agent._backoff import Backoff
 from maw_agent._execution import Execution, ExecutionSettings
+from maw_agent._messages import (
+    DEFAULT_HEARTBEAT_S,
+    GOOD_DISPOSITIONS,
+    PROTOCOL_VERSION,
+    ConnectCall,
+    SessionTerms,
+    call_status,
+    cancel_text,
+    describe,
+    duration_seconds,
+    epoch_seconds,
+    heartbeat,
+    held_assignments,
+    hello,
+    open_channel,
+    refusal,
+)
 from maw_agent._outbox import Outbox
 from maw_agent._resources import ResourceSampler
-from maw_agent._sandbox import Limits, Sandbox, bwrap_problem
+from maw_agent._sandbox import ensure_sandbox, limits_of, sandbox_of
+from maw_agent._sender import send_loop
 from maw_agent._spool import LeaseKey, ResultSpool, lease_key
 from maw_agent._workspace import Workspaces
 from maw_agent.config import AgentConfig
-from maw_agent.tools import ToolAdapter, ToolInfo, adapters
+from maw_agent.tools import ToolAdapter, ToolInfo, adapters, usable
 
 __all__ = ["PROTOCOL_VERSION", "Agent", "SessionError"]
 
-PROTOCOL_VERSION = 1
 EXIT_IMMEDIATE = 130
 
 log = logging.getLogger("maw_agent")
 
-_DEFAULT_HEARTBEAT_S = 10.0
-_DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
 _WATCHDOG_TICK_S = 0.2
 _GOODBYE_WAIT_S = 5.0
 _HANDBACK_KILL_GRACE_S = 5.0
-_CHANNEL_OPTIONS = (
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.enable_retries", 0),
-)
-_GOOD_DISPOSITIONS = (agent_pb2.RESULT_DISPOSITION_ACCEPTED, agent_pb2.RESULT_DISPOSITION_DUPLICATE)
 
 
 class SessionError(Exception):
@@ -91,7 +93,7 @@ class Agent:
             env_allowlist=tuple(config.env_allowlist),
             credential=self._credential,
             sandbox=sandbox_of(config),
-            limits=Limits(**config.limits.model_dump()),
+            limits=limits_of(config),
             workspaces=Workspaces(config.work_dir / "git-cache", timeout_s=config.git_timeout_s),
             max_diff_bytes=config.max_diff_bytes,
         )
@@ -99,10 +101,7 @@ class Agent:
         self._sampler: ResourceSampler | None = None
         self._lock_file: IO[str] | None = None
         # Per session.
-        self._heartbeat_s = _DEFAULT_HEARTBEAT_S
-        self._max_items = config.max_batch_items
-        self._max_bytes = _DEFAULT_MAX_MESSAGE_BYTES
-        self._clock_skew = 0.0
+        self._terms = SessionTerms(DEFAULT_HEARTBEAT_S, config.max_batch_items)
         self._drain: agent_pb2.Drain | None = None
         self._drain_event = asyncio.Event()
         self._stop_sending = False
@@ -154,7 +153,7 @@ class Agent:
                 try:
                     end = await self._session()
                 except (SessionError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
-                    log.warning("stream to %s failed: %s", self.config.server, _describe(exc))
+                    log.warning("stream to %s failed: %s", self.config.server, describe(exc))
                     end = _SessionEnd(healthy=False)
                 finally:
                     self.connected.clear()
@@ -178,13 +177,7 @@ class Agent:
     # --- start and stop --------------------------------------------------------------------------
 
     async def _start(self) -> None:
-        if self.config.sandbox == "bwrap":
-            problem = await asyncio.to_thread(bwrap_problem)
-            if problem is not None:
-                raise RuntimeError(f"sandbox: bwrap is configured but unusable: {problem}")
-            log.info("tools run in a bubblewrap sandbox")
-        else:
-            log.info("sandbox: none - tools run with rlimits only; sandbox: bwrap is recommended (docs/sandbox.md)")
+        await ensure_sandbox(self.config.sandbox)
         work_dir = self.config.work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
         self._settings.work_root.mkdir(parents=True, exist_ok=True)
@@ -198,13 +191,7 @@ class Agent:
         if self._spool.pending:
             log.info("%d result(s) from an earlier run wait for their ack", len(self._spool.pending))
         self._sampler = ResourceSampler(work_dir)
-        for name, adapter in self._adapters.items():
-            info = await adapter.detect()
-            if info is None:
-                log.warning("tool %s is enabled but not usable on this machine; not offered", name)
-                continue
-            self._by_kind[adapter.kind] = (adapter, info)
-            log.info("tool %s %s ready", name, info.version)
+        self._by_kind = await usable(self._adapters)
 
     async def _teardown(self) -> None:
         for execution in list(self._runs.values()):
@@ -221,9 +208,7 @@ class Agent:
 
     async def _shutdown(self) -> None:
         grace = self.config.shutdown_grace_s
-        deadline = time.monotonic() + grace
-        while self._runs and time.monotonic() < deadline:
-            await self._wait_changed(deadline - time.monotonic())
+        await self._wait_while(lambda: bool(self._runs), grace)
         handed_back = []
         for execution in list(self._runs.values()):
             handed_back.append(execution.assignment.lease)
@@ -235,13 +220,9 @@ class Agent:
             )
         if handed_back:
             log.info("grace period of %g s over: handing back %d assignment(s)", grace, len(handed_back))
-        deadline = time.monotonic() + _HANDBACK_KILL_GRACE_S + 5
-        while self._runs and time.monotonic() < deadline:
-            await self._wait_changed(deadline - time.monotonic())
+        await self._wait_while(lambda: bool(self._runs), _HANDBACK_KILL_GRACE_S + 5)
         # Deliver the results that finished, so the next start has nothing to resend.
-        deadline = time.monotonic() + self.config.result_ack_wait_s
-        while self.pending_results and time.monotonic() < deadline:
-            await self._wait_changed(deadline - time.monotonic())
+        await self._wait_while(lambda: bool(self.pending_results), self.config.result_ack_wait_s)
         if self.connected.is_set() or handed_back:
             await self._say_goodbye(handed_back, agent_pb2.GOODBYE_REASON_SHUTDOWN, "agent stopped", _GOODBYE_WAIT_S)
         if self.pending_results:
@@ -271,30 +252,22 @@ class Agent:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._goodbye_sent.wait(), timeout=wait)
 
-    async def _wait_changed(self, seconds: float) -> None:
-        self._changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout=max(seconds, 0))
+    async def _wait_while(self, condition: Callable[[], bool], seconds: float) -> None:
+        """Wait until ``condition()`` is false (checked whenever work changes), at most ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while condition() and time.monotonic() < deadline:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=max(deadline - time.monotonic(), 0))
 
     def _notify(self) -> None:
         self._changed.set()
 
     # --- the stream ------------------------------------------------------------------------------
 
-    def _channel(self) -> grpc.aio.Channel:
-        if not self.config.tls:
-            return grpc.aio.insecure_channel(self.config.server, options=_CHANNEL_OPTIONS)
-        roots = self.config.tls_ca_file.read_bytes() if self.config.tls_ca_file is not None else None
-        options: list[tuple[str, str | int]] = list(_CHANNEL_OPTIONS)
-        if self.config.tls_server_name:
-            options.append(("grpc.ssl_target_name_override", self.config.tls_server_name))
-        return grpc.aio.secure_channel(
-            self.config.server, grpc.ssl_channel_credentials(root_certificates=roots), options=options
-        )
-
     async def _session(self) -> _SessionEnd:
         timeout = self.config.handshake_timeout_s
-        async with self._channel() as channel:
+        async with open_channel(self.config) as channel:
             stub = agent_grpc.AgentServiceStub(channel)
             call = stub.Connect(metadata=(("authorization", f"Bearer {self._credential}"),))
             tasks: list[asyncio.Task[None]] = []
@@ -302,7 +275,7 @@ class Agent:
                 await asyncio.wait_for(call.write(self._hello()), timeout)
                 first = await asyncio.wait_for(call.read(), timeout)
                 if first is grpc.aio.EOF:
-                    raise SessionError(f"stream closed before Welcome: {await _status(call)}")
+                    raise SessionError(f"stream closed before Welcome: {await call_status(call)}")
                 assert isinstance(first, agent_pb2.ConnectResponse)
                 if first.WhichOneof("message") != "welcome":
                     raise SessionError(f"first message was {first.WhichOneof('message')}, not Welcome")
@@ -322,7 +295,7 @@ class Agent:
                 if self._drain_event.is_set() or self._done.is_set():
                     return await self._close_gracefully(call, reader, sender, healthy)
                 if reader.done():
-                    status = await _status(call)
+                    status = await call_status(call)
                     log.warning("scheduler closed the stream: %s", status)
                     return _SessionEnd(healthy=healthy)
                 return _SessionEnd(healthy=healthy)
@@ -336,7 +309,7 @@ class Agent:
 
     async def _close_gracefully(
         self,
-        call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse],
+        call: ConnectCall,
         reader: asyncio.Task[None],
         sender: asyncio.Task[None],
         healthy: bool,
@@ -347,67 +320,21 @@ class Agent:
         self._outbox.ready.set()
         limit = 1.0 if self._immediate else 5.0
         if drain is not None and drain.HasField("deadline"):
-            limit = max(0.0, min(30.0, _seconds(drain.deadline) - self._server_now()))
+            limit = max(0.0, min(30.0, epoch_seconds(drain.deadline) - self._server_now()))
         await asyncio.wait({sender}, timeout=limit)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(call.done_writing(), timeout=max(limit, 0.1))
         await asyncio.wait({reader}, timeout=limit)
         if drain is None:
             return _SessionEnd(healthy=True)
-        jitter = _duration(drain.reconnect_jitter)
+        jitter = duration_seconds(drain.reconnect_jitter)
         log.info("drained (%s): reconnecting within %.2f s", agent_pb2.DrainReason.Name(drain.reason), jitter)
         return _SessionEnd(healthy=True, reconnect_after=random.uniform(0, jitter))  # noqa: S311 - jitter
 
     def _hello(self) -> agent_pb2.ConnectRequest:
         assert self._sampler is not None and self._spool is not None
-        held = [
-            agent_pb2.HeldAssignment(
-                lease=execution.assignment.lease,
-                state=agent_pb2.HELD_STATE_RUNNING,
-                progress_percent=execution.progress_percent,
-                start_time=_timestamp(execution.start_time),
-            )
-            for execution in self._runs.values()
-            if not execution.discard
-        ]
-        held.extend(
-            agent_pb2.HeldAssignment(
-                lease=result.lease,
-                state=agent_pb2.HELD_STATE_FINISHED,
-                progress_percent=100,
-                start_time=result.start_time,
-            )
-            for result in self._spool.pending.values()
-        )
-        hello = agent_pb2.Hello(
-            worker=self.config.worker,
-            protocol_version=PROTOCOL_VERSION,
-            agent_version=__version__,
-            hostname=socket.gethostname(),
-            platform=_platform(),
-            tools=[
-                machine_pb2.Tool(
-                    kind=adapter.kind,
-                    version=info.version,
-                    models=list(info.models),
-                    local_only=info.local_only,
-                    provider=info.provider,
-                    max_concurrency=info.max_concurrency,
-                )
-                for adapter, info in self._by_kind.values()
-            ],
-            labels=self.config.labels,
-            resources=self._sampler.sample(),
-            privacy_level=(
-                work_pb2.PRIVACY_LEVEL_SENSITIVE
-                if self.config.privacy_level == "sensitive"
-                else work_pb2.PRIVACY_LEVEL_NORMAL
-            ),
-            capacity_slots=self.config.capacity_slots,
-            held=held,
-            previous_session_id=self.session_id,
-        )
-        return agent_pb2.ConnectRequest(hello=hello)
+        held = held_assignments(self._runs.values(), self._spool.pending.values())
+        return hello(self.config, self._by_kind.values(), self._sampler.sample(), held, self.session_id)
 
     def _welcome(self, welcome: agent_pb2.Welcome) -> None:
         assert self._spool is not None
@@ -416,18 +343,10 @@ class Agent:
         self._drain = None
         self._drain_event.clear()
         self._stop_sending = False
-        self._heartbeat_s = self.config.heartbeat_interval_s or _duration(welcome.heartbeat_interval) or 10.0
-        self._max_items = welcome.max_batch_items if welcome.max_batch_items > 0 else self.config.max_batch_items
-        limit = welcome.max_message_bytes if welcome.max_message_bytes > 0 else _DEFAULT_MAX_MESSAGE_BYTES
-        self._max_bytes = max(64 << 10, int(limit * 0.9))
-        if welcome.HasField("server_time"):
-            skew = _seconds(welcome.server_time) - time.time()
-            self._clock_skew = skew if abs(skew) > 2 else 0.0
+        self._terms = SessionTerms.welcomed(welcome, self.config, self._terms.clock_skew)
         resumed = {lease_key(grant.lease) for grant in welcome.resumed}
         for grant in welcome.resumed:
-            execution = self._runs.get(lease_key(grant.lease))
-            if execution is not None and grant.HasField("attempt_deadline"):
-                execution.attempt_deadline = _seconds(grant.attempt_deadline)
+            self._granted(grant)
         for lease in welcome.released:
             self._release(lease)
         unanswered = [key for key in self._runs if key not in resumed and not self._runs[key].discard]
@@ -439,10 +358,16 @@ class Agent:
             welcome.scheduler_replica or self.config.server,
             welcome.worker or self.config.worker,
             welcome.session_id,
-            self._heartbeat_s,
+            self._terms.heartbeat_s,
             len(welcome.resumed),
             len(welcome.released),
         )
+
+    def _granted(self, grant: agent_pb2.LeaseGrant) -> None:
+        """The scheduler (re)grants a lease: take its attempt deadline."""
+        execution = self._runs.get(lease_key(grant.lease))
+        if execution is not None and grant.HasField("attempt_deadline"):
+            execution.attempt_deadline = epoch_seconds(grant.attempt_deadline)
 
     def _release(self, lease: agent_pb2.Lease) -> None:
         """The scheduler no longer grants this lease: stop the tool and discard its result."""
@@ -454,9 +379,7 @@ class Agent:
             )
         self._spool.forget(lease)
 
-    async def _read_loop(
-        self, call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse]
-    ) -> None:
+    async def _read_loop(self, call: ConnectCall) -> None:
         while True:
             message = await call.read()
             if message is grpc.aio.EOF:
@@ -476,9 +399,7 @@ class Agent:
                 self._cancel(cancel)
         elif kind == "heartbeat_ack":
             for grant in message.heartbeat_ack.leases:
-                execution = self._runs.get(lease_key(grant.lease))
-                if execution is not None and grant.HasField("attempt_deadline"):
-                    execution.attempt_deadline = _seconds(grant.attempt_deadline)
+                self._granted(grant)
         elif kind == "drain":
             log.info("scheduler asks to drain: %s", message.drain.message or message.drain.reason)
             self._drain = message.drain
@@ -486,60 +407,30 @@ class Agent:
         else:
             log.warning("ignoring an unexpected %s message", kind)
 
-    async def _send_loop(
-        self, call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse]
-    ) -> None:
+    async def _send_loop(self, call: ConnectCall) -> None:
         assert self._spool is not None
-        outbox = self._outbox
-        interval = self.config.flush_interval_ms / 1000
-        while True:
-            await outbox.ready.wait()
-            if self._stop_sending:
-                return
-            if interval and not outbox.full(self._max_items):
-                await asyncio.sleep(interval)
-            messages, has_results = outbox.take(self._max_items, self._max_bytes)
-            if has_results:
-                fd = self._spool.flush()
-                if fd is not None:
-                    try:
-                        await asyncio.to_thread(os.fsync, fd)
-                    except OSError as exc:
-                        # Only when compaction replaced the file meanwhile; it fsynced every pending result.
-                        log.debug("spool fsync: %s", exc)
-            for index, message in enumerate(messages):
-                try:
-                    await call.write(message)
-                except Exception as exc:
-                    outbox.put_back(messages[index:])
-                    log.debug("write failed: %s", exc)
-                    return
-                if message.HasField("goodbye"):
-                    self._goodbye_sent.set()
+        await send_loop(
+            call,
+            self._outbox,
+            self._spool,
+            self._terms,
+            flush_interval_s=self.config.flush_interval_ms / 1000,
+            stopped=lambda: self._stop_sending,
+            goodbye_sent=self._goodbye_sent,
+        )
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._heartbeat_s)
+            await asyncio.sleep(self._terms.heartbeat_s)
             if not self._stop_sending:
                 self._outbox.add_control(agent_pb2.ConnectRequest(heartbeat=self._heartbeat()))
 
     def _heartbeat(self) -> agent_pb2.Heartbeat:
         assert self._sampler is not None
-        heartbeat = agent_pb2.Heartbeat(
-            resources=self._sampler.sample(),
-            free_slots=max(0, self.config.capacity_slots - len(self._runs)),
-            sent_time=_timestamp(time.time()),
-        )
-        for execution in self._runs.values():
-            if execution.discard:
-                continue
-            heartbeat.running.add(
-                lease=execution.assignment.lease,
-                process_alive=execution.process_alive,
-                last_output_time=_timestamp(execution.last_output_time),
-                progress_percent=execution.progress_percent,
-            )
-        return heartbeat
+        return heartbeat(self._runs.values(), self._sampler.sample(), self._free_slots())
+
+    def _free_slots(self) -> int:
+        return max(0, self.config.capacity_slots - len(self._runs))
 
     # --- assignments -----------------------------------------------------------------------------
 
@@ -553,9 +444,14 @@ class Agent:
         if key in self._spool.pending:
             return  # finished already; its Result is on its way
         found = self._by_kind.get(assignment.tool.kind)
-        refusal = self._refusal(assignment, found is not None)
-        if refusal is not None:
-            self._decline(assignment, *refusal)
+        refused = refusal(
+            assignment,
+            stopping=self._stopping,
+            tool_offered=found is not None,
+            free_slots=self.config.capacity_slots - len(self._runs),
+        )
+        if refused is not None:
+            self._decline(assignment, *refused)
             return
         assert found is not None
         adapter, info = found
@@ -574,24 +470,6 @@ class Agent:
         self._runs[key] = execution
         self._outbox.add_accepted(assignment.lease)
         execution.task = asyncio.create_task(self._execute(execution))
-
-    def _refusal(
-        self, assignment: agent_pb2.Assignment, tool_offered: bool
-    ) -> tuple[agent_pb2.DeclineReason.ValueType, str] | None:
-        """Why an assignment cannot start here (before looking at its tool options), or None."""
-        if self._stopping:
-            return agent_pb2.DECLINE_REASON_SHUTTING_DOWN, "the agent is shutting down"
-        if not tool_offered:
-            kind = assignment.tool.kind
-            name = machine_pb2.ToolKind.Name(kind) if kind in _TOOL_KINDS else str(kind)
-            return agent_pb2.DECLINE_REASON_TOOL_UNAVAILABLE, f"tool {name} is not offered here"
-        if len(self._runs) >= self.config.capacity_slots:
-            return agent_pb2.DECLINE_REASON_NO_FREE_SLOT, "all slots are busy"
-        if assignment.workspace.repository:
-            problem = Workspaces.problem(assignment.workspace)
-            if problem is not None:
-                return agent_pb2.DECLINE_REASON_UNSUPPORTED, problem
-        return None
 
     def _decline(
         self, assignment: agent_pb2.Assignment, reason: agent_pb2.DeclineReason.ValueType, message: str
@@ -616,9 +494,8 @@ class Agent:
         execution = self._runs.get(lease_key(cancel.lease))
         if execution is None:
             return
-        grace = _duration(cancel.grace_period) or self.config.cancel_grace_s
-        reason = agent_pb2.CancelReason.Name(cancel.reason) if cancel.reason in _CANCEL_REASONS else str(cancel.reason)
-        message = f"cancelled ({reason}){': ' + cancel.message if cancel.message else ''}"
+        grace = duration_seconds(cancel.grace_period) or self.config.cancel_grace_s
+        message = cancel_text(cancel)
         log.info("%s#%d %s", *execution.key, message)
         execution.stop(work_pb2.OUTCOME_CANCELLED, message, grace)
 
@@ -626,7 +503,7 @@ class Agent:
         assert self._spool is not None
         for ack in acks:
             self._spool.forget(ack.lease)
-            if ack.disposition not in _GOOD_DISPOSITIONS:
+            if ack.disposition not in GOOD_DISPOSITIONS:
                 log.warning(
                     "result for %s#%d refused (%s): %s",
                     ack.lease.subtask,
@@ -642,70 +519,10 @@ class Agent:
         while True:
             await asyncio.sleep(_WATCHDOG_TICK_S)
             now = time.time()
-            server_now = now + self._clock_skew
             for execution in list(self._runs.values()):
-                if execution.stop_outcome is not None:
-                    continue
-                if execution.attempt_deadline is not None and server_now >= execution.attempt_deadline:
-                    execution.stop(work_pb2.OUTCOME_TIMED_OUT, "attempt deadline passed", self.config.cancel_grace_s)
-                    continue
-                silent = execution.no_progress_s
-                if silent is not None and now - execution.last_output_time >= silent:
-                    execution.stop(
-                        work_pb2.OUTCOME_TIMED_OUT, f"no output for {silent:g} s", self.config.cancel_grace_s
-                    )
+                why = execution.overdue(now, self._terms.clock_skew)
+                if why is not None:
+                    execution.stop(work_pb2.OUTCOME_TIMED_OUT, why, self.config.cancel_grace_s)
 
     def _server_now(self) -> float:
-        return time.time() + self._clock_skew
-
-
-_TOOL_KINDS = frozenset(machine_pb2.ToolKind.values())
-_CANCEL_REASONS = frozenset(agent_pb2.CancelReason.values())
-
-
-def sandbox_of(config: AgentConfig) -> Sandbox:
-    """The sandbox the configuration asks for: what the tools must never see, what they may write."""
-    hidden = [*config.sandbox_hide]
-    if config.credential_file is not None:
-        hidden.append(config.credential_file)
-    return Sandbox(
-        mode=config.sandbox,
-        network=config.sandbox_network,
-        private_dirs=(config.work_dir,),
-        hidden_files=tuple(hidden),
-    )
-
-
-def _platform() -> str:
-    machine = platform.machine().lower()
-    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
-    return f"{sys.platform}/{arch}"
-
-
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
-def _seconds(stamp: timestamp_pb2.Timestamp) -> float:
-    return stamp.seconds + stamp.nanos / 1e9
-
-
-def _duration(duration: duration_pb2.Duration) -> float:
-    return duration.seconds + duration.nanos / 1e9
-
-
-async def _status(call: grpc.aio.StreamStreamCall[agent_pb2.ConnectRequest, agent_pb2.ConnectResponse]) -> str:
-    try:
-        code = await call.code()
-        details = await call.details()
-    except Exception as exc:
-        return _describe(exc)
-    return f"{code.name}: {details}" if details else code.name
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return time.time() + self._terms.clock_skew

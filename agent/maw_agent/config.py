@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from maw_agent.tools import adapter_names, adapters
+
 __all__ = ["AgentConfig", "ConfigError", "LimitsConfig", "load_config", "parse_config", "substitute_env"]
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -107,8 +109,6 @@ class AgentConfig(BaseModel):
     @field_validator("tools")
     @classmethod
     def _known_tools(cls, value: list[str]) -> list[str]:
-        from maw_agent.tools import adapter_names
-
         known = adapter_names()
         unknown = [name for name in value if name not in known]
         if unknown:
@@ -128,8 +128,6 @@ class AgentConfig(BaseModel):
     @field_validator("tool_settings")
     @classmethod
     def _tool_settings(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from maw_agent.tools import adapter_names, adapters
-
         known = adapter_names()
         unknown = [name for name in value if name not in known]
         if unknown:

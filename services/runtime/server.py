@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from . import cache, db, migrate
-from .auth import Authenticator
+from .auth import Authenticator, AuthInterceptor
 from .config import ServiceSettings
 from .contracts import ContractService, services_in
 from .interceptors import ErrorInterceptor
@@ -159,7 +159,7 @@ class _Service:
 
         server = grpc.aio.server(
             # Errors wrap auth, so auth's refusals become statuses with details like any other error.
-            interceptors=[tracing_interceptor(provider), ErrorInterceptor(), authenticator.interceptor()],
+            interceptors=[tracing_interceptor(provider), ErrorInterceptor(), AuthInterceptor(authenticator)],
             options=server_options(settings),
         )
         for contract in self.contracts:

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from maw.agent.v1 import agent_service_pb2 as pb
 from maw.common.v1 import work_pb2
-from maw_agent._sandbox import Limits, Sandbox, bwrap_problem
-from maw_agent.agent import sandbox_of
+from maw_agent._sandbox import Limits, Sandbox, bwrap_problem, sandbox_of
 from maw_agent.config import parse_config
 
 from tests.standins.harness import CREDENTIAL, Recorder, adapter, execution, run, standins_on_path

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from maw.agent.v1 import agent_service_pb2 as pb
 from maw.common.v1 import work_pb2
+from maw_agent._workspace import Workspaces
 
 from tests.standins.harness import Recorder, adapter, execution, run, standins_on_path
 
@@ -168,8 +169,6 @@ async def test_a_truncated_dependency_diff_is_refused_rather_than_half_applied(t
 
 
 def test_unsafe_workspace_specs_are_declined_before_anything_runs() -> None:
-    from maw_agent._workspace import Workspaces
-
     assert Workspaces.problem(work_pb2.GitWorkspace(repository="--upload-pack=evil")) is not None
     assert Workspaces.problem(work_pb2.GitWorkspace(repository="ext::sh -c evil")) is not None
     assert Workspaces.problem(work_pb2.GitWorkspace(repository="/r", subdirectory="../etc")) is not None

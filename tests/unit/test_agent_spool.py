@@ -41,7 +41,7 @@ def test_a_torn_last_record_is_dropped_and_the_file_stays_usable(tmp_path: Path)
     spool.add(result("whole"))
     spool.close()
     with path.open("ab") as handle:
-        handle.write(_spool._record(b"R", result("torn").SerializeToString())[:-7])
+        handle.write(_spool.encode_record(b"R", result("torn").SerializeToString())[:-7])
     spool = ResultSpool(path)
     assert list(spool.pending) == [("tasks/t/subtasks/whole", 1)]
     spool.add(result("after"))

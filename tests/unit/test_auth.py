@@ -13,12 +13,12 @@ from services.runtime import authz
 from services.runtime.auth import (
     JwtCodec,
     ServiceCredentials,
-    _StreamWatch,
-    _until_revoked,
+    StreamWatch,
     bearer,
     generate_key_pair,
     new_secret,
     secret_hash,
+    until_revoked,
 )
 from services.runtime.config import ServiceSettings
 from services.runtime.errors import MawError
@@ -159,10 +159,10 @@ async def _endless(closed: asyncio.Event, pause: float) -> AsyncIterator[int]:
 
 async def test_a_stream_revoked_between_messages_ends_with_permission_denied_and_is_closed() -> None:
     closed = asyncio.Event()
-    watch = _StreamWatch(("workers/w",), asyncio.current_task())
+    watch = StreamWatch(("workers/w",), asyncio.current_task())
     seen: list[int] = []
     with pytest.raises(MawError) as err:
-        async for item in _until_revoked(_endless(closed, 0.0), watch):
+        async for item in until_revoked(_endless(closed, 0.0), watch):
             seen.append(item)
             if len(seen) == 3:
                 watch.fire()
@@ -175,9 +175,9 @@ async def test_a_stream_revoked_while_its_servicer_waits_is_interrupted_at_once(
     closed = asyncio.Event()
 
     async def consume() -> list[int]:
-        watch = _StreamWatch(("workers/w",), asyncio.current_task())
+        watch = StreamWatch(("workers/w",), asyncio.current_task())
         asyncio.get_running_loop().call_later(0.1, watch.fire)
-        return [item async for item in _until_revoked(_endless(closed, 30.0), watch)]
+        return [item async for item in until_revoked(_endless(closed, 30.0), watch)]
 
     started = asyncio.get_running_loop().time()
     with pytest.raises(MawError) as err:
@@ -192,5 +192,5 @@ async def test_a_stream_that_ends_by_itself_ends_normally() -> None:
         for n in range(3):
             yield n
 
-    watch = _StreamWatch(("workers/w",), asyncio.current_task())
-    assert [i async for i in _until_revoked(three(), watch)] == [0, 1, 2]
+    watch = StreamWatch(("workers/w",), asyncio.current_task())
+    assert [i async for i in until_revoked(three(), watch)] == [0, 1, 2]

@@ -9,13 +9,16 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import logging
 import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
 from maw_agent.tools.base import ToolAdapter, ToolInfo, ToolResult, ToolRun
 
-__all__ = ["ToolAdapter", "ToolInfo", "ToolResult", "ToolRun", "adapter_names", "adapters"]
+__all__ = ["ToolAdapter", "ToolInfo", "ToolResult", "ToolRun", "adapter_names", "adapters", "usable"]
+
+log = logging.getLogger("maw_agent")
 
 
 @functools.cache
@@ -55,3 +58,16 @@ def adapters(
             raise ValueError(f"{name}: {exc}") from None
         made[name] = adapter
     return made
+
+
+async def usable(enabled: Mapping[str, ToolAdapter]) -> dict[int, tuple[ToolAdapter, ToolInfo]]:
+    """The enabled adapters that work on this machine, by tool kind, with what each detected."""
+    found: dict[int, tuple[ToolAdapter, ToolInfo]] = {}
+    for name, adapter in enabled.items():
+        info = await adapter.detect()
+        if info is None:
+            log.warning("tool %s is enabled but not usable on this machine; not offered", name)
+            continue
+        found[adapter.kind] = (adapter, info)
+        log.info("tool %s %s ready", name, info.version)
+    return found
