@@ -61,9 +61,12 @@ from services.runtime.errors import (
 from services.runtime.logs import redact
 from services.runtime.principal import Principal, PrincipalKind, current_principal
 
-from . import _core, credentials, filtering, presence, store, validation
-from ._core import ACTIVITY_FEED, WORKER_FEED, Registry, now, ts
+from . import activity_log, convert, credentials, filtering, presence, store, validation, verifier
+from ._servicing import peer_host, peer_of
+from .convert import now, ts
 from .credentials import Role, TokenState
+from .feeds import ACTIVITY_FEED, WORKER_FEED
+from .registry import Registry
 
 M = TypeVar("M", bound=Message)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -254,7 +257,7 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
             bad.append(("password", f"required, at most {validation.MAX_PASSWORD} characters"))
         if bad:
             raise invalid_argument(bad)
-        peer = _core.peer_host(context)
+        peer = peer_host(context)
         keys = [f"login:user:{request.username}", f"login:peer:{peer}"]
         await self._limited(keys)
         async with self.r.sessions() as session:
@@ -267,9 +270,9 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
             await self._failed(keys)
             known = validation.USER_ID.fullmatch(request.username) is not None
             async with self.r.sessions() as session, session.begin():
-                await self.r.append_activity(
+                await activity_log.append(
                     session, "auth.login_failed", resource=f"users/{request.username}" if known else "",
-                    summary="failed login", level=res.ACTIVITY_LEVEL_WARNING, peer=_core.peer_of(context),
+                    summary="failed login", level=res.ACTIVITY_LEVEL_WARNING, peer=peer_of(context),
                     actor=anonymous, api_token="",
                 )  # fmt: skip
             await self.r.feeds.publish(ACTIVITY_FEED)
@@ -290,12 +293,12 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
                 store.RefreshToken(secret_hash=secret_hash(refresh), session_id=session_id, create_time=moment,
                                    expire_time=refresh_expiry, used_time=None, used_request_id=None, child_hash=None)
             )  # fmt: skip
-            await self.r.append_activity(
+            await activity_log.append(
                 session, "auth.login", resource=f"users/{user.id}", summary="signed in",
-                peer=_core.peer_of(context), actor=me, api_token="",
+                peer=peer_of(context), actor=me, api_token="",
             )  # fmt: skip
             answer = auth_pb.LoginResponse(
-                tokens=self._pair(row, session_id, refresh, refresh_expiry), user=_core.user_pb(row)
+                tokens=self._pair(row, session_id, refresh, refresh_expiry), user=convert.user_pb(row)
             )
         await self.r.feeds.publish(ACTIVITY_FEED)
         return answer
@@ -338,10 +341,10 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
                     return auth_pb.RefreshTokenResponse(tokens=pair)
                 family.revoke_time = moment
                 revoked_session = family.id
-                await self.r.append_activity(
+                await activity_log.append(
                     session, "auth.refresh_reused", resource=f"users/{user.id}", level=res.ACTIVITY_LEVEL_WARNING,
                     summary="a used refresh token was presented again; the session is revoked",
-                    peer=_core.peer_of(context), actor=me, api_token="",
+                    peer=peer_of(context), actor=me, api_token="",
                 )  # fmt: skip
             else:
                 child = credentials.derived_secret(
@@ -387,9 +390,9 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
                 family.revoke_time = moment
                 ended.append(f"sessions/{family.id}")
             if ended:
-                await self.r.append_activity(
+                await activity_log.append(
                     session, "auth.logout", resource=f"users/{user_id}", summary=f"{len(ended)} session(s) ended",
-                    peer=_core.peer_of(context),
+                    peer=peer_of(context),
                 )  # fmt: skip
         if ended:
             await self.r.auth.revocations.publish(ended)
@@ -407,7 +410,7 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
         spec = request.api_token
         role = _role(spec.role, "api_token.role")
         display = validation.display_name(spec.display_name, "api_token.display_name")
-        expiry = _core.from_ts(spec.expire_time) if spec.HasField("expire_time") else None
+        expiry = convert.from_ts(spec.expire_time) if spec.HasField("expire_time") else None
         if expiry is not None and expiry <= now():
             raise invalid_argument([("api_token.expire_time", "must be in the future")])
         validation.request_id(request.request_id)
@@ -431,10 +434,10 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
                 create_time=moment, last_used_time=None, revoke_time=None,
             )  # fmt: skip
             session.add(row)
-            token_pb = _core.api_token_pb(row, moment)
-            await self.r.append_activity(
+            token_pb = convert.api_token_pb(row, moment)
+            await activity_log.append(
                 session, "api_token.created", resource=token_pb.name, summary=f"API token {display!r} created",
-                details={"role": Role(role).label}, peer=_core.peer_of(context),
+                details={"role": Role(role).label}, peer=peer_of(context),
             )  # fmt: skip
             _keep(session, method, request.request_id, auth_pb.CreateApiTokenResponse(api_token=token_pb))
         await self.r.feeds.publish(ACTIVITY_FEED)
@@ -460,7 +463,7 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
                 query = query.where(store.ApiToken.user_id == owner)
             rows = (await session.scalars(query)).all()
         moment = now()
-        tokens = [_core.api_token_pb(r, moment) for r in rows]
+        tokens = [convert.api_token_pb(r, moment) for r in rows]
         tokens = [t for t in tokens if filtering.matches(tree, _token_lookup(t))]
         tokens.sort(key=lambda t: _token_sort_key(t, column), reverse=desc)
         page, token = _page(tokens, size, request.page_token, f"{parent}|{request.filter}|{request.order_by}")
@@ -483,11 +486,11 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
             if row.revoke_time is None:
                 row.revoke_time = now()
                 changed = True
-                await self.r.append_activity(
+                await activity_log.append(
                     session, "api_token.revoked", resource=request.name, summary="API token revoked",
-                    peer=_core.peer_of(context),
+                    peer=peer_of(context),
                 )  # fmt: skip
-            answer = auth_pb.RevokeApiTokenResponse(api_token=_core.api_token_pb(row, now()))
+            answer = auth_pb.RevokeApiTokenResponse(api_token=convert.api_token_pb(row, now()))
         if changed:
             await self.r.auth.revocations.publish([request.name])
             await self.r.feeds.publish(ACTIVITY_FEED)
@@ -507,7 +510,7 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
             async with self.r.sessions() as session:
                 row = await session.get(store.User, principal.name.removeprefix("users/"))
             if row is not None:
-                reply.user.CopyFrom(_core.user_pb(row))
+                reply.user.CopyFrom(convert.user_pb(row))
         return reply
 
 
@@ -572,10 +575,10 @@ class UserServicer(user_grpc.UserServiceServicer):
                     version=1, create_time=moment, update_time=moment, last_login_time=None,
                 )  # fmt: skip
                 session.add(row)
-                answer = user_pb.CreateUserResponse(user=_core.user_pb(row))
-                await self.r.append_activity(
+                answer = user_pb.CreateUserResponse(user=convert.user_pb(row))
+                await activity_log.append(
                     session, "user.created", resource=f"users/{user_id}", summary=f"user {user_id} created",
-                    details={"role": Role(role).label}, peer=_core.peer_of(context),
+                    details={"role": Role(role).label}, peer=peer_of(context),
                 )  # fmt: skip
                 _keep(session, method, request.request_id, answer)
         except IntegrityError:
@@ -589,7 +592,7 @@ class UserServicer(user_grpc.UserServiceServicer):
             row = await session.get(store.User, user_id)
         if row is None:
             raise not_found("User", request.name)
-        return user_pb.GetUserResponse(user=_core.user_pb(row))
+        return user_pb.GetUserResponse(user=convert.user_pb(row))
 
     async def ListUsers(self, request: user_pb.ListUsersRequest, context: Context) -> user_pb.ListUsersResponse:
         size = validation.page_size(request.page_size)
@@ -599,7 +602,7 @@ class UserServicer(user_grpc.UserServiceServicer):
         )
         async with self.r.sessions() as session:
             rows = (await session.scalars(select(store.User))).all()
-        users = [_core.user_pb(r) for r in rows]
+        users = [convert.user_pb(r) for r in rows]
         users = [u for u in users if filtering.matches(tree, lambda f, u=u: getattr(u, f))]  # type: ignore[misc]
         users.sort(key=lambda u: (str(getattr(u, column)) if column != "create_time" else u.create_time.ToDatetime(),
                                   u.name), reverse=desc)  # fmt: skip
@@ -653,10 +656,10 @@ class UserServicer(user_grpc.UserServiceServicer):
             revoke = row.role < before["role"] or (row.disabled and not before["disabled"])
             row.version += 1
             row.update_time = now()
-            answer = user_pb.UpdateUserResponse(user=_core.user_pb(row))
-            await self.r.append_activity(
+            answer = user_pb.UpdateUserResponse(user=convert.user_pb(row))
+            await activity_log.append(
                 session, "user.updated", resource=f"users/{user_id}", summary=f"user {user_id} updated",
-                details={"fields": sorted(paths)}, peer=_core.peer_of(context),
+                details={"fields": sorted(paths)}, peer=peer_of(context),
             )  # fmt: skip
             _keep(session, method, request.request_id, answer)
         if revoke:
@@ -678,9 +681,9 @@ class UserServicer(user_grpc.UserServiceServicer):
             if row.role == Role.ADMIN and not row.disabled and await _active_admins(session) <= 1:
                 raise failed_precondition("LAST_ADMIN", request.name, "cannot delete the last admin")
             await session.delete(row)
-            await self.r.append_activity(
+            await activity_log.append(
                 session, "user.deleted", resource=request.name, summary=f"user {user_id} deleted",
-                peer=_core.peer_of(context),
+                peer=peer_of(context),
             )  # fmt: skip
             _keep(session, method, request.request_id, user_pb.DeleteUserResponse())
         await self.r.auth.revocations.publish([request.name])
@@ -728,9 +731,9 @@ class UserServicer(user_grpc.UserServiceServicer):
                 if f"sessions/{family.id}" != keep:
                     family.revoke_time = now()
                     ended.append(f"sessions/{family.id}")
-            await self.r.append_activity(
+            await activity_log.append(
                 session, "user.password_changed", resource=f"users/{user_id}", summary="password changed",
-                details={"sessions_ended": len(ended)}, peer=_core.peer_of(context),
+                details={"sessions_ended": len(ended)}, peer=peer_of(context),
             )  # fmt: skip
             _keep(session, method, request.request_id, user_pb.SetPasswordResponse())
         await self.r.auth.revocations.publish(ended)
@@ -780,7 +783,7 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
         if not spec.HasField("expire_time"):
             bad.append(("enrollment_token.expire_time", "required"))
         else:
-            expiry = _core.from_ts(spec.expire_time)
+            expiry = convert.from_ts(spec.expire_time)
             if not moment < expiry <= moment + timedelta(days=MAX_ENROLLMENT_DAYS):
                 bad.append(("enrollment_token.expire_time", f"in the future, at most {MAX_ENROLLMENT_DAYS} days ahead"))
         if spec.privacy_level not in (0, 1, 2):
@@ -798,16 +801,16 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
             secret = new_secret(ENROLLMENT_TOKEN_PREFIX)
             row = store.EnrollmentToken(
                 id=secrets.token_hex(6), display_name=display, max_uses=spec.max_uses, use_count=0,
-                expire_time=_core.from_ts(spec.expire_time), labels=labels,
+                expire_time=convert.from_ts(spec.expire_time), labels=labels,
                 privacy_level=spec.privacy_level or work_pb2.PRIVACY_LEVEL_NORMAL, secret_hash=secret_hash(secret),
                 secret_prefix=credentials.secret_prefix(secret), creator=_caller().name, create_time=moment,
                 revoke_time=None,
             )  # fmt: skip
             session.add(row)
-            token_pb = _core.enrollment_pb(row, moment)
-            await self.r.append_activity(
+            token_pb = convert.enrollment_pb(row, moment)
+            await activity_log.append(
                 session, "enrollment_token.created", resource=token_pb.name,
-                summary=f"enrollment token {display!r} created ({spec.max_uses} use(s))", peer=_core.peer_of(context),
+                summary=f"enrollment token {display!r} created ({spec.max_uses} use(s))", peer=peer_of(context),
             )  # fmt: skip
             _keep(
                 session, method, request.request_id, enroll_pb.CreateEnrollmentTokenResponse(enrollment_token=token_pb)
@@ -825,7 +828,7 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
                 raise not_found("EnrollmentToken", request.name)
             workers = await self._workers_of(session, [token_id])
         return enroll_pb.GetEnrollmentTokenResponse(
-            enrollment_token=_core.enrollment_pb(row, now(), workers.get(token_id, []))
+            enrollment_token=convert.enrollment_pb(row, now(), workers.get(token_id, []))
         )
 
     async def ListEnrollmentTokens(
@@ -838,7 +841,7 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
             rows = (await session.scalars(select(store.EnrollmentToken))).all()
             workers = await self._workers_of(session, [r.id for r in rows])
         moment = now()
-        tokens = [_core.enrollment_pb(r, moment, workers.get(r.id, [])) for r in rows]
+        tokens = [convert.enrollment_pb(r, moment, workers.get(r.id, [])) for r in rows]
 
         def lookup(t: res.EnrollmentToken) -> Callable[[str], Any]:
             def get(field: str) -> Any:
@@ -866,13 +869,13 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
                 raise not_found("EnrollmentToken", request.name)
             if row.revoke_time is None:
                 row.revoke_time = now()
-                await self.r.append_activity(
+                await activity_log.append(
                     session, "enrollment_token.revoked", resource=request.name, summary="enrollment token revoked",
-                    peer=_core.peer_of(context),
+                    peer=peer_of(context),
                 )  # fmt: skip
             workers = await self._workers_of(session, [token_id])
             answer = enroll_pb.RevokeEnrollmentTokenResponse(
-                enrollment_token=_core.enrollment_pb(row, now(), workers.get(token_id, []))
+                enrollment_token=convert.enrollment_pb(row, now(), workers.get(token_id, []))
             )
         await self.r.feeds.publish(ACTIVITY_FEED)
         return answer
@@ -920,7 +923,7 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
                     fresh = (moment - earlier.create_time).total_seconds() < credentials.RETRY_WINDOW_S
                     if fresh and earlier.credential_hash == secret_hash(credential) and earlier.revoke_time is None:
                         return enroll_pb.EnrollAgentResponse(
-                            worker=_core.worker_pb(earlier, None), agent_credential=credential
+                            worker=convert.worker_pb(earlier, None), agent_credential=credential
                         )
                     raise unauthenticated("invalid enrollment token", "ENROLLMENT_INVALID")
             state = credentials.token_state(
@@ -933,7 +936,7 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
             token.use_count += 1
             row = store.Worker(
                 id=worker_id, display_name=display or request.hostname, hostname=request.hostname,
-                agent_version=request.agent_version, platform=request.platform, tools=_core.tools_json(request.tools),
+                agent_version=request.agent_version, platform=request.platform, tools=convert.tools_json(request.tools),
                 labels=dict(token.labels), agent_labels={}, privacy_level=token.privacy_level, capacity_slots=0,
                 declared_slots=0, draining=False, disabled=False, deleted=False,
                 credential_hash=secret_hash(credential),
@@ -943,13 +946,13 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
             )  # fmt: skip
             session.add(row)
             await session.flush()
-            await self.r.append_worker_event(session, row, presence.EventType.ADDED)
-            await self.r.append_activity(
+            await activity_log.worker_event(session, row, presence.EventType.ADDED)
+            await activity_log.append(
                 session, "worker.enrolled", resource=f"workers/{worker_id}", worker=f"workers/{worker_id}",
                 summary=f"worker {worker_id} enrolled", details={"enrollment_token": f"enrollmentTokens/{token.id}"},
-                peer=_core.peer_of(context), actor=Principal(PrincipalKind.AGENT, f"workers/{worker_id}"), api_token="",
+                peer=peer_of(context), actor=Principal(PrincipalKind.AGENT, f"workers/{worker_id}"), api_token="",
             )  # fmt: skip
-            answer = enroll_pb.EnrollAgentResponse(worker=_core.worker_pb(row, None), agent_credential=credential)
+            answer = enroll_pb.EnrollAgentResponse(worker=convert.worker_pb(row, None), agent_credential=credential)
         await self.r.feeds.publish(ACTIVITY_FEED, WORKER_FEED)
         return answer
 
@@ -990,8 +993,8 @@ class WorkerServicer(worker_grpc.WorkerServiceServicer):
         return row
 
     async def _pb(self, row: store.Worker) -> res.Worker:
-        found = await self.r.presence_of([row.id])
-        return _core.worker_pb(row, found.get(row.id))
+        found = await self.r.presence_store.reports([row.id])
+        return convert.worker_pb(row, found.get(row.id))
 
     async def GetWorker(self, request: worker_pb.GetWorkerRequest, context: Context) -> worker_pb.GetWorkerResponse:
         async with self.r.sessions() as session:
@@ -1011,8 +1014,8 @@ class WorkerServicer(worker_grpc.WorkerServiceServicer):
         async with self.r.sessions() as session:
             sequence = await store.last_sequence(session, store.WorkerEvent)
             rows = (await session.scalars(select(store.Worker).where(store.Worker.deleted.is_(False)))).all()
-        live = await self.r.presence_of([r.id for r in rows])
-        workers = [_core.worker_pb(r, live.get(r.id)) for r in rows]
+        live = await self.r.presence_store.reports([r.id for r in rows])
+        workers = [convert.worker_pb(r, live.get(r.id)) for r in rows]
         workers = [w for w in workers if filtering.matches(tree, _worker_lookup(w))]
         workers.sort(
             key=lambda w: (
@@ -1064,13 +1067,13 @@ class WorkerServicer(worker_grpc.WorkerServiceServicer):
                 row.disabled = spec.disabled
             row.version += 1
             row.update_time = now()
-            live = await self.r.presence_of([row.id])
-            await self.r.append_worker_event(session, row, presence.EventType.UPDATED, live.get(row.id))
-            await self.r.append_activity(
+            live = await self.r.presence_store.reports([row.id])
+            await activity_log.worker_event(session, row, presence.EventType.UPDATED, live.get(row.id))
+            await activity_log.append(
                 session, "worker.updated", resource=spec.name, worker=spec.name, summary=f"worker {row.id} updated",
-                details={"fields": sorted(paths)}, peer=_core.peer_of(context),
+                details={"fields": sorted(paths)}, peer=peer_of(context),
             )  # fmt: skip
-            answer = worker_pb.UpdateWorkerResponse(worker=_core.worker_pb(row, live.get(row.id)))
+            answer = worker_pb.UpdateWorkerResponse(worker=convert.worker_pb(row, live.get(row.id)))
             _keep(session, method, request.request_id, answer)
         if cut:
             await self.r.auth.revocations.publish([spec.name])
@@ -1094,10 +1097,10 @@ class WorkerServicer(worker_grpc.WorkerServiceServicer):
             row.revoke_time = row.revoke_time or now()
             row.version += 1
             row.update_time = now()
-            await self.r.append_worker_event(session, row, presence.EventType.REMOVED)
-            await self.r.append_activity(
+            await activity_log.worker_event(session, row, presence.EventType.REMOVED)
+            await activity_log.append(
                 session, "worker.deleted", resource=request.name, worker=request.name,
-                summary=f"worker {worker_id} deleted and its credential revoked", peer=_core.peer_of(context),
+                summary=f"worker {worker_id} deleted and its credential revoked", peer=peer_of(context),
             )  # fmt: skip
         await self.r.auth.revocations.publish([request.name])
         await self.r.feeds.publish(ACTIVITY_FEED, WORKER_FEED)
@@ -1115,13 +1118,13 @@ class WorkerServicer(worker_grpc.WorkerServiceServicer):
                 row.revoke_time = now()
                 row.version += 1
                 row.update_time = now()
-                await self.r.append_worker_event(session, row, presence.EventType.UPDATED)
-                await self.r.append_activity(
+                await activity_log.worker_event(session, row, presence.EventType.UPDATED)
+                await activity_log.append(
                     session, "worker.revoked", resource=request.name, worker=request.name,
                     level=res.ACTIVITY_LEVEL_WARNING, summary=f"worker {row.id} revoked",
-                    details={"reason": request.reason}, peer=_core.peer_of(context),
+                    details={"reason": request.reason}, peer=peer_of(context),
                 )  # fmt: skip
-            answer = worker_pb.RevokeWorkerResponse(worker=_core.worker_pb(row, None))
+            answer = worker_pb.RevokeWorkerResponse(worker=convert.worker_pb(row, None))
         await self.r.auth.revocations.publish([request.name])
         await self.r.feeds.publish(ACTIVITY_FEED, WORKER_FEED)
         return answer
@@ -1138,11 +1141,11 @@ class WorkerServicer(worker_grpc.WorkerServiceServicer):
             rows = (await session.scalars(select(store.Worker).where(store.Worker.deleted.is_(False)))).all()
         if request.after_sequence and floor and request.after_sequence < floor - 1:
             raise MawError(grpc.StatusCode.OUT_OF_RANGE, "after_sequence is older than the retained change log")
-        live = await self.r.presence_of([r.id for r in rows])
+        live = await self.r.presence_store.reports([r.id for r in rows])
         matching = {
             f"workers/{r.id}"
             for r in rows
-            if filtering.matches(tree, _worker_lookup(_core.worker_pb(r, live.get(r.id))))
+            if filtering.matches(tree, _worker_lookup(convert.worker_pb(r, live.get(r.id))))
         }
         last = request.after_sequence or head
         while True:
@@ -1201,9 +1204,9 @@ class WorkerIntakeServicer(wintake_grpc.WorkerIntakeServiceServicer):
     ) -> wintake_pb.AuthenticateAgentResponse:
         if not request.agent_credential:
             raise invalid_argument([("agent_credential", "required")])
-        row = await self.r.verify_agent(request.agent_credential)
-        found = await self.r.presence_of([row.id])
-        return wintake_pb.AuthenticateAgentResponse(worker=_core.worker_pb(row, found.get(row.id)))
+        row = await verifier.verify_agent(self.r, request.agent_credential)
+        found = await self.r.presence_store.reports([row.id])
+        return wintake_pb.AuthenticateAgentResponse(worker=convert.worker_pb(row, found.get(row.id)))
 
     async def ReportWorkers(
         self, request: wintake_pb.ReportWorkersRequest, context: Context
@@ -1228,22 +1231,24 @@ class WorkerIntakeServicer(wintake_grpc.WorkerIntakeServiceServicer):
                 if row is None or row.deleted:
                     continue
                 try:
-                    applied, flipped = await self.r.store_presence(worker_id, report)
+                    applied, flipped = await self.r.presence_store.apply(worker_id, report)
                 except Exception:  # Redis away: the durable fields still land; presence waits for Redis
                     applied, flipped = True, False
                 durable = applied and _apply_durable(row, report)
                 interval = report.heartbeat_interval.ToTimedelta().total_seconds() or presence.DEFAULT_HEARTBEAT_S
                 if applied and report.HasField("last_heartbeat_time"):
-                    self.r.heartbeats[worker_id] = _core.from_ts(report.last_heartbeat_time)
+                    self.r.heartbeats[worker_id] = convert.from_ts(report.last_heartbeat_time)
                 live = report if report.connection_state == wintake_pb.CONNECTION_STATE_CONNECTED else None
-                if durable or flipped or (applied and await self.r.coalesced(worker_id, interval)):
+                if durable or flipped or (applied and await self.r.presence_store.coalesced(worker_id, interval)):
                     if durable:
                         row.update_time = now()
                         row.version += 1
-                    await self.r.append_worker_event(session, row, presence.EventType.UPDATED, live)
+                    await activity_log.worker_event(session, row, presence.EventType.UPDATED, live)
                     changed_any = True
                 out.append(
-                    _core.worker_pb(row, live if applied else (await self.r.presence_of([worker_id])).get(worker_id))
+                    convert.worker_pb(
+                        row, live if applied else (await self.r.presence_store.reports([worker_id])).get(worker_id)
+                    )
                 )
         if changed_any:
             await self.r.feeds.publish(WORKER_FEED)
@@ -1256,15 +1261,15 @@ def _apply_durable(row: store.Worker, report: wintake_pb.WorkerReport) -> bool:
         "hostname": report.hostname or row.hostname,
         "agent_version": report.agent_version or row.agent_version,
         "platform": report.platform or row.platform,
-        "tools": _core.tools_json(report.tools) if report.tools else row.tools,
+        "tools": convert.tools_json(report.tools) if report.tools else row.tools,
         "agent_labels": dict(report.agent_labels),
         "declared_slots": report.declared_slots,
-        "tool_stats": _core.stats_json(report.tool_stats) if report.tool_stats else row.tool_stats,
+        "tool_stats": convert.stats_json(report.tool_stats) if report.tool_stats else row.tool_stats,
         "session_id": report.session_id,
         "heartbeat_interval_ms": int(report.heartbeat_interval.ToTimedelta().total_seconds() * 1000),
     }
     if report.HasField("connect_time"):
-        values["connect_time"] = _core.from_ts(report.connect_time)
+        values["connect_time"] = convert.from_ts(report.connect_time)
     changed = False
     for key, value in values.items():
         if getattr(row, key) != value:
@@ -1284,7 +1289,7 @@ class CredentialIntakeServicer(cintake_grpc.CredentialIntakeServiceServicer):
     ) -> cintake_pb.AuthenticateApiTokenResponse:
         if not request.secret:
             raise invalid_argument([("secret", "required")])
-        auth, role = await self.r.verify_api_token(request.secret)
+        auth, role = await verifier.verify_api_token(self.r, request.secret)
         return cintake_pb.AuthenticateApiTokenResponse(
             user=auth.principal.name,
             api_token=auth.api_token,
@@ -1338,7 +1343,7 @@ class ActivityIntakeServicer(aintake_grpc.ActivityIntakeServiceServicer):
                     insert(store.Activity)
                     .values(
                         entry_id=record.entry_id,
-                        time=_core.from_ts(entry.time) if entry.HasField("time") else now(),
+                        time=convert.from_ts(entry.time) if entry.HasField("time") else now(),
                         actor_kind=entry.actor.kind or res.ACTOR_KIND_SERVICE,
                         actor_name=entry.actor.name or caller,
                         actor_api_token=entry.actor.api_token,
@@ -1350,7 +1355,7 @@ class ActivityIntakeServicer(aintake_grpc.ActivityIntakeServiceServicer):
                         worker=entry.worker,
                         level=entry.level or res.ACTIVITY_LEVEL_INFO,
                         summary=redact(entry.summary),
-                        details=_core._scrub(json_format.MessageToDict(entry.details)),
+                        details=activity_log.scrub(json_format.MessageToDict(entry.details)),
                         service=caller,
                         trace_id=entry.trace_id,
                     )
@@ -1388,7 +1393,7 @@ class ActivityServicer(activity_grpc.ActivityServiceServicer):
                 query = query.where(store.Activity.sequence < after if descending else store.Activity.sequence > after)
             order = store.Activity.sequence.desc() if descending else store.Activity.sequence.asc()
             rows = (await session.scalars(query.order_by(order).limit(size + 1))).all()
-        entries = [_core.activity_pb(r) for r in rows[:size]]
+        entries = [convert.activity_pb(r) for r in rows[:size]]
         token = validation.next_page_token(rows[size - 1].sequence, query_key) if len(rows) > size else ""
         return activity_pb.ListActivityResponse(activity_entries=entries, next_page_token=token, sequence=head)
 
@@ -1414,7 +1419,7 @@ class ActivityServicer(activity_grpc.ActivityServiceServicer):
                     )
                 ).all()
             if rows:
-                yield activity_pb.WatchActivityResponse(activity_entries=[_core.activity_pb(r) for r in rows])
+                yield activity_pb.WatchActivityResponse(activity_entries=[convert.activity_pb(r) for r in rows])
             if len(rows) == 500:
                 last = rows[-1].sequence
                 continue

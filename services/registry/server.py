@@ -5,7 +5,9 @@ from pathlib import Path
 from services.runtime import Resources, ServiceDefinition
 
 from . import api
-from ._core import Feeds, LocalVerifier, Registry
+from .feeds import Feeds
+from .registry import Registry
+from .verifier import LocalVerifier
 
 
 async def build(resources: Resources) -> dict[str, object]:

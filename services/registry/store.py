@@ -7,6 +7,7 @@ reader that saw sequence N can never later find an uncommitted N-1 appear behind
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -20,9 +21,15 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    and_,
+    delete,
     func,
+    not_,
+    or_,
     select,
     text,
+    true,
+    update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -212,6 +219,52 @@ async def first_sequence(session: AsyncSession, model: type[Activity] | type[Wor
     return int(value or 0)
 
 
+# -- lookups and batched writes ---------------------------------------------------------------------------------
+
+
+async def any_user(session: AsyncSession) -> bool:
+    """Whether any user exists (a fresh database has none)."""
+    return await session.scalar(select(User.id).limit(1)) is not None
+
+
+async def workers(session: AsyncSession, ids: Sequence[str], *, lock: bool = False) -> Sequence[Worker]:
+    """The catalog rows of ``ids`` (those that exist), locked for update when ``lock``."""
+    query = select(Worker).where(Worker.id.in_(ids))
+    return (await session.scalars(query.with_for_update() if lock else query)).all()
+
+
+async def api_token_by_hash(session: AsyncSession, hashed: str) -> tuple[ApiToken, User] | None:
+    """The API token with this secret hash and its owner."""
+    found = (
+        await session.execute(
+            select(ApiToken, User).join(User, User.id == ApiToken.user_id).where(ApiToken.secret_hash == hashed)
+        )
+    ).first()
+    return found.tuple() if found is not None else None
+
+
+async def worker_by_credential(session: AsyncSession, hashed: str) -> Worker | None:
+    """The worker whose agent credential has this hash."""
+    return await session.scalar(select(Worker).where(Worker.credential_hash == hashed))
+
+
+async def touch_api_tokens(session: AsyncSession, uses: Mapping[str, datetime]) -> None:
+    """Record the last use of each API token."""
+    for token_id, moment in uses.items():
+        await session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_time=moment))
+
+
+async def touch_heartbeats(session: AsyncSession, beats: Mapping[str, datetime]) -> None:
+    """Record the last heartbeat of each worker."""
+    for worker_id, moment in beats.items():
+        await session.execute(update(Worker).where(Worker.id == worker_id).values(last_heartbeat_time=moment))
+
+
+async def forget_requests(session: AsyncSession, before: datetime) -> None:
+    """Drop request-id answers older than ``before``."""
+    await session.execute(delete(Idempotency).where(Idempotency.create_time < before))
+
+
 # -- idempotency -------------------------------------------------------------------------------------------------
 
 
@@ -249,8 +302,6 @@ def _escape_like(value: str) -> str:
 
 def activity_condition(tree: filtering.Node | None) -> ColumnElement[bool]:
     """The WHERE clause of an activity filter; every value is a bound parameter."""
-    from sqlalchemy import and_, not_, or_, true
-
     if tree is None:
         return true()
     if isinstance(tree, filtering.Not):
