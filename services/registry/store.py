@@ -190,13 +190,15 @@ class Activity(Base):
     trace_id: Mapped[str] = mapped_column(Text, default="")
 
 
-class Idempotency(Base):
-    """The first answer to a mutating call with a request id (secrets never stored)."""
+class Request(Base):
+    """The first answer to a mutating call with a request id (secrets never stored); see services.runtime.replay."""
 
-    __tablename__ = "idempotency"
-    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    __tablename__ = "requests"
+    method: Mapped[str] = mapped_column(Text, primary_key=True)
+    principal: Mapped[str] = mapped_column(Text, primary_key=True)
+    request_id: Mapped[str] = mapped_column(Text, primary_key=True)
     response: Mapped[bytes] = mapped_column(LargeBinary)
-    create_time: Mapped[datetime]
+    create_time: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
 # -- ordered logs ----------------------------------------------------------------------------------------------
@@ -262,21 +264,7 @@ async def touch_heartbeats(session: AsyncSession, beats: Mapping[str, datetime])
 
 async def forget_requests(session: AsyncSession, before: datetime) -> None:
     """Drop request-id answers older than ``before``."""
-    await session.execute(delete(Idempotency).where(Idempotency.create_time < before))
-
-
-# -- idempotency -------------------------------------------------------------------------------------------------
-
-
-async def remembered(session: AsyncSession, key: str) -> bytes | None:
-    """The stored answer of an earlier call with this idempotency key."""
-    row = await session.get(Idempotency, key)
-    return row.response if row is not None else None
-
-
-def remember(session: AsyncSession, key: str, response: bytes, now: datetime) -> None:
-    """Store the answer of this call (in the same transaction as its effect)."""
-    session.add(Idempotency(key=key, response=response, create_time=now))
+    await session.execute(delete(Request).where(Request.create_time < before))
 
 
 # -- activity filter in SQL --------------------------------------------------------------------------------------
