@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 from maw.registry.v1 import activity_service_pb2 as activity_pb
 from maw.registry.v1 import activity_service_pb2_grpc as activity_grpc
-from sqlalchemy import select
 
 from services.runtime.errors import (
     invalid_argument,
@@ -38,11 +37,7 @@ class ActivityServicer(activity_grpc.ActivityServiceServicer):
         condition = store.activity_condition(tree)
         async with self.r.sessions() as session:
             head = await store.last_sequence(session, store.Activity)
-            query = select(store.Activity).where(condition, store.Activity.sequence <= head)
-            if after:
-                query = query.where(store.Activity.sequence < after if descending else store.Activity.sequence > after)
-            order = store.Activity.sequence.desc() if descending else store.Activity.sequence.asc()
-            rows = (await session.scalars(query.order_by(order).limit(size + 1))).all()
+            rows = await store.activity_page(session, condition, head, after, descending, size + 1)
         entries = [convert.activity_pb(r) for r in rows[:size]]
         token = validation.next_page_token(rows[size - 1].sequence, query_key) if len(rows) > size else ""
         return activity_pb.ListActivityResponse(activity_entries=entries, next_page_token=token, sequence=head)
@@ -60,14 +55,7 @@ class ActivityServicer(activity_grpc.ActivityServiceServicer):
         while True:
             async with self.r.sessions() as session:
                 top = await store.last_sequence(session, store.Activity)
-                rows = (
-                    await session.scalars(
-                        select(store.Activity)
-                        .where(store.Activity.sequence > last, store.Activity.sequence <= top, condition)
-                        .order_by(store.Activity.sequence)
-                        .limit(500)
-                    )
-                ).all()
+                rows = await store.activity_after(session, condition, last, top, 500)
             if rows:
                 yield activity_pb.WatchActivityResponse(activity_entries=[convert.activity_pb(r) for r in rows])
             if len(rows) == 500:

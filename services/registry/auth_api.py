@@ -11,7 +11,6 @@ from typing import Any
 from maw.registry.v1 import auth_service_pb2 as auth_pb
 from maw.registry.v1 import auth_service_pb2_grpc as auth_grpc
 from maw.registry.v1 import resources_pb2 as res
-from sqlalchemy import select
 
 from services.runtime import replay
 from services.runtime.auth import (
@@ -210,13 +209,7 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
         ended: list[str] = []
         async with self.r.sessions() as session, session.begin():
             if request.all_sessions:
-                families = (
-                    await session.scalars(
-                        select(store.Session).where(
-                            store.Session.user_id == user_id, store.Session.revoke_time.is_(None)
-                        )
-                    )
-                ).all()
+                families = list(await store.live_sessions(session, user_id))
             else:
                 token = await session.get(store.RefreshToken, secret_hash(request.refresh_token))
                 family = await session.get(store.Session, token.session_id) if token else None
@@ -299,10 +292,7 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
             request.order_by, {"create_time": "create_time", "display_name": "display_name"}, "create_time desc"
         )
         async with self.r.sessions() as session:
-            query = select(store.ApiToken)
-            if owner is not None:
-                query = query.where(store.ApiToken.user_id == owner)
-            rows = (await session.scalars(query)).all()
+            rows = await store.api_tokens(session, owner)
         moment = now()
         tokens = [convert.api_token_pb(r, moment) for r in rows]
         tokens = [t for t in tokens if filtering.matches(tree, filters.api_token_lookup(t))]

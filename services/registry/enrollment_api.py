@@ -8,8 +8,6 @@ from datetime import timedelta
 from maw.common.v1 import work_pb2
 from maw.registry.v1 import enrollment_service_pb2 as enroll_pb
 from maw.registry.v1 import enrollment_service_pb2_grpc as enroll_grpc
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.runtime import replay
 from services.runtime.auth import (
@@ -42,19 +40,6 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
 
     def __init__(self, registry: Registry) -> None:
         self.r = registry
-
-    async def _workers_of(self, session: AsyncSession, token_ids: list[str]) -> dict[str, list[str]]:
-        rows = (
-            await session.execute(
-                select(store.Worker.enrollment_token_id, store.Worker.id).where(
-                    store.Worker.enrollment_token_id.in_(token_ids)
-                )
-            )
-        ).all()
-        out: dict[str, list[str]] = {}
-        for token_id, worker_id in rows:
-            out.setdefault(str(token_id), []).append(worker_id)
-        return out
 
     async def CreateEnrollmentToken(
         self, request: enroll_pb.CreateEnrollmentTokenRequest, context: Context
@@ -116,7 +101,7 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
             row = await session.get(store.EnrollmentToken, token_id)
             if row is None:
                 raise not_found("EnrollmentToken", request.name)
-            workers = await self._workers_of(session, [token_id])
+            workers = await store.enrolled_by(session, [token_id])
         return enroll_pb.GetEnrollmentTokenResponse(
             enrollment_token=convert.enrollment_pb(row, now(), workers.get(token_id, []))
         )
@@ -128,8 +113,8 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
         tree = filtering.parse(request.filter, filters.ENROLLMENT_TOKENS)
         _, desc = validation.order_by(request.order_by, {"create_time": "create_time"}, "create_time desc")
         async with self.r.sessions() as session:
-            rows = (await session.scalars(select(store.EnrollmentToken))).all()
-            workers = await self._workers_of(session, [r.id for r in rows])
+            rows = await store.enrollment_tokens(session)
+            workers = await store.enrolled_by(session, [r.id for r in rows])
         moment = now()
         tokens = [convert.enrollment_pb(r, moment, workers.get(r.id, [])) for r in rows]
 
@@ -153,7 +138,7 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
                     session, "enrollment_token.revoked", resource=request.name, summary="enrollment token revoked",
                     peer=peer_of(context),
                 )  # fmt: skip
-            workers = await self._workers_of(session, [token_id])
+            workers = await store.enrolled_by(session, [token_id])
             answer = enroll_pb.RevokeEnrollmentTokenResponse(
                 enrollment_token=convert.enrollment_pb(row, now(), workers.get(token_id, []))
             )
@@ -182,23 +167,14 @@ class EnrollmentServicer(enroll_grpc.EnrollmentServiceServicer):
         worker_id = request.worker_id or _worker_id_from(request.hostname)
         moment = now()
         async with self.r.sessions() as session, session.begin():
-            token = await session.scalar(
-                select(store.EnrollmentToken)
-                .where(store.EnrollmentToken.secret_hash == secret_hash(request.token))
-                .with_for_update()
-            )
+            token = await store.enrollment_token_by_hash(session, secret_hash(request.token))
             if token is None:
                 raise unauthenticated("invalid enrollment token", "ENROLLMENT_INVALID")
             credential = credentials.derived_secret(
                 AGENT_CREDENTIAL_PREFIX, request.token, "enroll", request.request_id
             )
             if request.request_id:
-                earlier = await session.scalar(
-                    select(store.Worker).where(
-                        store.Worker.enrollment_token_id == token.id,
-                        store.Worker.enroll_request_id == request.request_id,
-                    )
-                )
+                earlier = await store.enrollment_of(session, token.id, request.request_id)
                 if earlier is not None:
                     fresh = (moment - earlier.create_time).total_seconds() < credentials.RETRY_WINDOW_S
                     if fresh and earlier.credential_hash == secret_hash(credential) and earlier.revoke_time is None:

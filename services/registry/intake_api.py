@@ -11,7 +11,6 @@ from maw.registry.v1 import credential_intake_service_pb2_grpc as cintake_grpc
 from maw.registry.v1 import resources_pb2 as res
 from maw.registry.v1 import worker_intake_service_pb2 as wintake_pb
 from maw.registry.v1 import worker_intake_service_pb2_grpc as wintake_grpc
-from sqlalchemy import select
 
 from services.runtime.errors import (
     invalid_argument,
@@ -52,12 +51,7 @@ class WorkerIntakeServicer(wintake_grpc.WorkerIntakeServiceServicer):
         out: list[res.Worker] = []
         changed_any = False
         async with self.r.sessions() as session, session.begin():
-            rows = {
-                r.id: r
-                for r in (
-                    await session.scalars(select(store.Worker).where(store.Worker.id.in_(ids)).with_for_update())
-                ).all()
-            }
+            rows = {r.id: r for r in await store.workers(session, ids, lock=True)}
             for worker_id, report in zip(ids, request.reports, strict=True):
                 row = rows.get(worker_id)
                 if row is None or row.deleted:
@@ -165,33 +159,31 @@ class ActivityIntakeServicer(aintake_grpc.ActivityIntakeServiceServicer):
         if bad:
             raise invalid_argument(bad[:50])
         from google.protobuf import json_format
-        from sqlalchemy.dialects.postgresql import insert
 
         async with self.r.sessions() as session, session.begin():
             await store.lock_log(session, "activity")
             for record in request.records:
                 entry = record.entry
-                await session.execute(
-                    insert(store.Activity)
-                    .values(
-                        entry_id=record.entry_id,
-                        time=convert.from_ts(entry.time) if entry.HasField("time") else now(),
-                        actor_kind=entry.actor.kind or res.ACTOR_KIND_SERVICE,
-                        actor_name=entry.actor.name or service,
-                        actor_api_token=entry.actor.api_token,
-                        actor_peer=entry.actor.peer,
-                        verb=entry.verb,
-                        resource=entry.resource,
-                        task=entry.task,
-                        subtask=entry.subtask,
-                        worker=entry.worker,
-                        level=entry.level or res.ACTIVITY_LEVEL_INFO,
-                        summary=redact(entry.summary),
-                        details=activity_log.scrub(json_format.MessageToDict(entry.details)),
-                        service=service,
-                        trace_id=entry.trace_id,
-                    )
-                    .on_conflict_do_nothing(index_elements=["entry_id"])
+                await store.add_activity_once(
+                    session,
+                    {
+                        "entry_id": record.entry_id,
+                        "time": convert.from_ts(entry.time) if entry.HasField("time") else now(),
+                        "actor_kind": entry.actor.kind or res.ACTOR_KIND_SERVICE,
+                        "actor_name": entry.actor.name or service,
+                        "actor_api_token": entry.actor.api_token,
+                        "actor_peer": entry.actor.peer,
+                        "verb": entry.verb,
+                        "resource": entry.resource,
+                        "task": entry.task,
+                        "subtask": entry.subtask,
+                        "worker": entry.worker,
+                        "level": entry.level or res.ACTIVITY_LEVEL_INFO,
+                        "summary": redact(entry.summary),
+                        "details": activity_log.scrub(json_format.MessageToDict(entry.details)),
+                        "service": service,
+                        "trace_id": entry.trace_id,
+                    },
                 )
         await self.r.feeds.publish(ACTIVITY_FEED)
         return aintake_pb.AppendActivityResponse(entry_ids=[r.entry_id for r in request.records])

@@ -6,9 +6,7 @@ import asyncio
 
 from maw.registry.v1 import user_service_pb2 as user_pb
 from maw.registry.v1 import user_service_pb2_grpc as user_grpc
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.runtime import replay
 from services.runtime.auth import (
@@ -65,7 +63,7 @@ class UserServicer(user_grpc.UserServiceServicer):
             async with self.r.sessions() as session, session.begin():
                 if await session.get(store.User, user_id) is not None:
                     raise already_exists("User", f"users/{user_id}")
-                if email and await session.scalar(select(store.User.id).where(store.User.email == email)):
+                if email and await store.user_id_by_email(session, email):
                     raise already_exists("User", f"email {email}")
                 row = store.User(
                     id=user_id, display_name=display, email=email, role=role, disabled=False, password_hash=hashed,
@@ -98,7 +96,7 @@ class UserServicer(user_grpc.UserServiceServicer):
             request.order_by, {"name": "name", "display_name": "display_name", "create_time": "create_time"}, "name"
         )
         async with self.r.sessions() as session:
-            rows = (await session.scalars(select(store.User))).all()
+            rows = await store.all_users(session)
         users = [convert.user_pb(r) for r in rows]
         users = [u for u in users if filtering.matches(tree, filters.user_lookup(u))]
         users.sort(key=lambda u: (str(getattr(u, column)) if column != "create_time" else u.create_time.ToDatetime(),
@@ -133,13 +131,14 @@ class UserServicer(user_grpc.UserServiceServicer):
                 raise not_found("User", request.user.name)
             check_etag(request.user.etag, row.version, "user", request.user.name)
             demotes = ("role" in paths and role < Role.ADMIN) or ("disabled" in paths and request.user.disabled)
-            if demotes and row.role == Role.ADMIN and not row.disabled and await _active_admins(session) <= 1:
-                raise failed_precondition("LAST_ADMIN", request.user.name, "cannot demote or disable the last admin")
             if (
-                email
-                and email != row.email
-                and await session.scalar(select(store.User.id).where(store.User.email == email))
+                demotes
+                and row.role == Role.ADMIN
+                and not row.disabled
+                and await store.active_admins(session, Role.ADMIN) <= 1
             ):
+                raise failed_precondition("LAST_ADMIN", request.user.name, "cannot demote or disable the last admin")
+            if email and email != row.email and await store.user_id_by_email(session, email):
                 raise already_exists("User", f"email {email}")
             before = {"role": row.role, "disabled": row.disabled}
             if "display_name" in paths:
@@ -178,7 +177,7 @@ class UserServicer(user_grpc.UserServiceServicer):
             if row is None:
                 raise not_found("User", request.name)
             check_etag(request.etag, row.version, "user", request.name)
-            if row.role == Role.ADMIN and not row.disabled and await _active_admins(session) <= 1:
+            if row.role == Role.ADMIN and not row.disabled and await store.active_admins(session, Role.ADMIN) <= 1:
                 raise failed_precondition("LAST_ADMIN", request.name, "cannot delete the last admin")
             await session.delete(row)
             await activity_log.append(
@@ -225,11 +224,7 @@ class UserServicer(user_grpc.UserServiceServicer):
             row.password_hash = hashed
             row.version += 1
             row.update_time = now()
-            families = (
-                await session.scalars(
-                    select(store.Session).where(store.Session.user_id == user_id, store.Session.revoke_time.is_(None))
-                )
-            ).all()
+            families = await store.live_sessions(session, user_id)
             for family in families:
                 if f"sessions/{family.id}" != keep:
                     family.revoke_time = now()
@@ -242,12 +237,3 @@ class UserServicer(user_grpc.UserServiceServicer):
         await self.r.auth.revocations.publish(ended)
         await self.r.feeds.publish(ACTIVITY_FEED)
         return user_pb.SetPasswordResponse()
-
-
-async def _active_admins(session: AsyncSession) -> int:
-    count = await session.scalar(
-        select(func.count())
-        .select_from(store.User)
-        .where(store.User.role == Role.ADMIN, store.User.disabled.is_(False))
-    )
-    return int(count or 0)

@@ -9,7 +9,6 @@ from maw.common.v1 import work_pb2
 from maw.registry.v1 import resources_pb2 as res
 from maw.registry.v1 import worker_service_pb2 as worker_pb
 from maw.registry.v1 import worker_service_pb2_grpc as worker_grpc
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.runtime import replay
@@ -60,7 +59,7 @@ class WorkerServicer(worker_grpc.WorkerServiceServicer):
         )
         async with self.r.sessions() as session:
             sequence = await store.last_sequence(session, store.WorkerEvent)
-            rows = (await session.scalars(select(store.Worker).where(store.Worker.deleted.is_(False)))).all()
+            rows = await store.catalog(session)
         live = await self.r.presence_store.reports([r.id for r in rows])
         workers = [convert.worker_pb(r, live.get(r.id)) for r in rows]
         workers = [w for w in workers if filtering.matches(tree, filters.worker_lookup(w))]
@@ -190,7 +189,7 @@ class WorkerServicer(worker_grpc.WorkerServiceServicer):
         async with self.r.sessions() as session:
             head = await store.last_sequence(session, store.WorkerEvent)
             floor = await store.first_sequence(session, store.WorkerEvent)
-            rows = (await session.scalars(select(store.Worker).where(store.Worker.deleted.is_(False)))).all()
+            rows = await store.catalog(session)
         if request.after_sequence and floor and request.after_sequence < floor - 1:
             raise MawError(grpc.StatusCode.OUT_OF_RANGE, "after_sequence is older than the retained change log")
         live = await self.r.presence_store.reports([r.id for r in rows])
@@ -202,14 +201,7 @@ class WorkerServicer(worker_grpc.WorkerServiceServicer):
         last = request.after_sequence or head
         while True:
             async with self.r.sessions() as session:
-                events = (
-                    await session.scalars(
-                        select(store.WorkerEvent)
-                        .where(store.WorkerEvent.sequence > last)
-                        .order_by(store.WorkerEvent.sequence)
-                        .limit(500)
-                    )
-                ).all()
+                events = await store.worker_events_after(session, last, 500)
             out: list[worker_pb.WorkerEvent] = []
             for event in events:
                 last = event.sequence
