@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from google.protobuf.descriptor import EnumDescriptor
+
 from services.runtime.errors import MawError, invalid_argument
 
 MAX_FILTER_LENGTH = 2000
@@ -39,6 +41,17 @@ class FieldType:
 
 
 Schema = Mapping[str, FieldType]
+
+
+def enum_values(descriptor: EnumDescriptor) -> dict[str, int]:
+    """A proto enum's values by both spellings, ``ROLE_ADMIN`` and ``ADMIN`` (the UNSPECIFIED value left out)."""
+    prefix = descriptor.values_by_number[0].name.removesuffix("UNSPECIFIED")
+    out: dict[str, int] = {}
+    for value in descriptor.values:
+        if value.number:
+            out[value.name] = value.number
+            out[value.name.removeprefix(prefix)] = value.number
+    return out
 
 
 @dataclass(frozen=True)
@@ -268,4 +281,4 @@ def matches(tree: Node | None, lookup: Callable[[str], Any]) -> bool:
     return any(matches(item, lookup) for item in tree.items)
 
 
-__all__ = ["And", "Comparison", "FieldType", "Node", "Not", "Or", "Schema", "matches", "parse"]
+__all__ = ["And", "Comparison", "FieldType", "Node", "Not", "Or", "Schema", "enum_values", "matches", "parse"]

@@ -4,8 +4,15 @@ from pathlib import Path
 
 from services.runtime import Resources, ServiceDefinition
 
-from . import api
-from ._core import Feeds, LocalVerifier, Registry
+from .activity_api import ActivityServicer
+from .auth_api import AuthServicer
+from .enrollment_api import EnrollmentServicer
+from .feeds import Feeds
+from .intake_api import ActivityIntakeServicer, CredentialIntakeServicer, WorkerIntakeServicer
+from .registry import Registry
+from .user_api import UserServicer
+from .verifier import LocalVerifier
+from .worker_api import WorkerServicer
 
 
 async def build(resources: Resources) -> dict[str, object]:
@@ -17,17 +24,17 @@ async def build(resources: Resources) -> dict[str, object]:
     registry.feeds.start()
     registry.every(5.0, registry.flush, "registry-flush")
     registry.every(2.0, registry.sweep_presence, "registry-presence-sweep")
-    registry.every(600.0, registry.forget_old_requests, "registry-idempotency-cleanup")
+    registry.every(600.0, registry.forget_old_requests, "registry-request-cleanup")
     resources.on_stop.append(registry.stop)
     return {
-        "maw.registry.v1.AuthService": api.AuthServicer(registry),
-        "maw.registry.v1.UserService": api.UserServicer(registry),
-        "maw.registry.v1.EnrollmentService": api.EnrollmentServicer(registry),
-        "maw.registry.v1.WorkerService": api.WorkerServicer(registry),
-        "maw.registry.v1.ActivityService": api.ActivityServicer(registry),
-        "maw.registry.v1.WorkerIntakeService": api.WorkerIntakeServicer(registry),
-        "maw.registry.v1.CredentialIntakeService": api.CredentialIntakeServicer(registry),
-        "maw.registry.v1.ActivityIntakeService": api.ActivityIntakeServicer(registry),
+        "maw.registry.v1.AuthService": AuthServicer(registry),
+        "maw.registry.v1.UserService": UserServicer(registry),
+        "maw.registry.v1.EnrollmentService": EnrollmentServicer(registry),
+        "maw.registry.v1.WorkerService": WorkerServicer(registry),
+        "maw.registry.v1.ActivityService": ActivityServicer(registry),
+        "maw.registry.v1.WorkerIntakeService": WorkerIntakeServicer(registry),
+        "maw.registry.v1.CredentialIntakeService": CredentialIntakeServicer(registry),
+        "maw.registry.v1.ActivityIntakeService": ActivityIntakeServicer(registry),
     }
 
 

@@ -7,6 +7,7 @@ reader that saw sequence N can never later find an uncommitted N-1 appear behind
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -20,11 +21,17 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    and_,
+    delete,
     func,
+    not_,
+    or_,
     select,
     text,
+    true,
+    update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
@@ -183,13 +190,15 @@ class Activity(Base):
     trace_id: Mapped[str] = mapped_column(Text, default="")
 
 
-class Idempotency(Base):
-    """The first answer to a mutating call with a request id (secrets never stored)."""
+class Request(Base):
+    """The first answer to a mutating call with a request id (secrets never stored); see services.runtime.replay."""
 
-    __tablename__ = "idempotency"
-    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    __tablename__ = "requests"
+    method: Mapped[str] = mapped_column(Text, primary_key=True)
+    principal: Mapped[str] = mapped_column(Text, primary_key=True)
+    request_id: Mapped[str] = mapped_column(Text, primary_key=True)
     response: Mapped[bytes] = mapped_column(LargeBinary)
-    create_time: Mapped[datetime]
+    create_time: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
 # -- ordered logs ----------------------------------------------------------------------------------------------
@@ -212,18 +221,165 @@ async def first_sequence(session: AsyncSession, model: type[Activity] | type[Wor
     return int(value or 0)
 
 
-# -- idempotency -------------------------------------------------------------------------------------------------
+# -- lookups and batched writes ---------------------------------------------------------------------------------
 
 
-async def remembered(session: AsyncSession, key: str) -> bytes | None:
-    """The stored answer of an earlier call with this idempotency key."""
-    row = await session.get(Idempotency, key)
-    return row.response if row is not None else None
+async def any_user(session: AsyncSession) -> bool:
+    """Whether any user exists (a fresh database has none)."""
+    return await session.scalar(select(User.id).limit(1)) is not None
 
 
-def remember(session: AsyncSession, key: str, response: bytes, now: datetime) -> None:
-    """Store the answer of this call (in the same transaction as its effect)."""
-    session.add(Idempotency(key=key, response=response, create_time=now))
+async def workers(session: AsyncSession, ids: Sequence[str], *, lock: bool = False) -> Sequence[Worker]:
+    """The catalog rows of ``ids`` (those that exist), locked for update when ``lock``."""
+    query = select(Worker).where(Worker.id.in_(ids))
+    return (await session.scalars(query.with_for_update() if lock else query)).all()
+
+
+async def api_token_by_hash(session: AsyncSession, hashed: str) -> tuple[ApiToken, User] | None:
+    """The API token with this secret hash and its owner."""
+    found = (
+        await session.execute(
+            select(ApiToken, User).join(User, User.id == ApiToken.user_id).where(ApiToken.secret_hash == hashed)
+        )
+    ).first()
+    return found.tuple() if found is not None else None
+
+
+async def worker_by_credential(session: AsyncSession, hashed: str) -> Worker | None:
+    """The worker whose agent credential has this hash."""
+    return await session.scalar(select(Worker).where(Worker.credential_hash == hashed))
+
+
+async def touch_api_tokens(session: AsyncSession, uses: Mapping[str, datetime]) -> None:
+    """Record the last use of each API token."""
+    for token_id, moment in uses.items():
+        await session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_time=moment))
+
+
+async def touch_heartbeats(session: AsyncSession, beats: Mapping[str, datetime]) -> None:
+    """Record the last heartbeat of each worker."""
+    for worker_id, moment in beats.items():
+        await session.execute(update(Worker).where(Worker.id == worker_id).values(last_heartbeat_time=moment))
+
+
+async def forget_requests(session: AsyncSession, before: datetime) -> None:
+    """Drop request-id answers older than ``before``."""
+    await session.execute(delete(Request).where(Request.create_time < before))
+
+
+# -- identity --------------------------------------------------------------------------------------------------
+
+
+async def all_users(session: AsyncSession) -> Sequence[User]:
+    """Every user."""
+    return (await session.scalars(select(User))).all()
+
+
+async def user_id_by_email(session: AsyncSession, email: str) -> str | None:
+    """The id of the user with this e-mail address."""
+    return await session.scalar(select(User.id).where(User.email == email))
+
+
+async def active_admins(session: AsyncSession, admin_role: int) -> int:
+    """How many enabled users hold ``admin_role``."""
+    count = await session.scalar(
+        select(func.count()).select_from(User).where(User.role == admin_role, User.disabled.is_(False))
+    )
+    return int(count or 0)
+
+
+async def live_sessions(session: AsyncSession, user_id: str) -> Sequence[Session]:
+    """The sessions of a user that are not revoked."""
+    return (
+        await session.scalars(select(Session).where(Session.user_id == user_id, Session.revoke_time.is_(None)))
+    ).all()
+
+
+async def api_tokens(session: AsyncSession, owner: str | None) -> Sequence[ApiToken]:
+    """The API tokens of ``owner`` (everyone's when None)."""
+    query = select(ApiToken)
+    if owner is not None:
+        query = query.where(ApiToken.user_id == owner)
+    return (await session.scalars(query)).all()
+
+
+# -- enrollment --------------------------------------------------------------------------------------------------
+
+
+async def enrollment_tokens(session: AsyncSession) -> Sequence[EnrollmentToken]:
+    """Every enrollment token."""
+    return (await session.scalars(select(EnrollmentToken))).all()
+
+
+async def enrollment_token_by_hash(session: AsyncSession, hashed: str) -> EnrollmentToken | None:
+    """The enrollment token with this secret hash, locked for update."""
+    return await session.scalar(select(EnrollmentToken).where(EnrollmentToken.secret_hash == hashed).with_for_update())
+
+
+async def enrolled_by(session: AsyncSession, token_ids: Sequence[str]) -> dict[str, list[str]]:
+    """The ids of the workers each enrollment token enrolled."""
+    rows = (
+        await session.execute(
+            select(Worker.enrollment_token_id, Worker.id).where(Worker.enrollment_token_id.in_(token_ids))
+        )
+    ).all()
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        out.setdefault(str(row.enrollment_token_id), []).append(row.id)
+    return out
+
+
+async def enrollment_of(session: AsyncSession, token_id: str, request_id: str) -> Worker | None:
+    """The worker an EnrollAgent call with ``request_id`` enrolled with this token."""
+    return await session.scalar(
+        select(Worker).where(Worker.enrollment_token_id == token_id, Worker.enroll_request_id == request_id)
+    )
+
+
+# -- the catalog and its change log ------------------------------------------------------------------------------
+
+
+async def catalog(session: AsyncSession) -> Sequence[Worker]:
+    """Every worker not deleted."""
+    return (await session.scalars(select(Worker).where(Worker.deleted.is_(False)))).all()
+
+
+async def worker_events_after(session: AsyncSession, sequence: int, limit: int) -> Sequence[WorkerEvent]:
+    """Up to ``limit`` catalog changes after ``sequence``, oldest first."""
+    query = select(WorkerEvent).where(WorkerEvent.sequence > sequence).order_by(WorkerEvent.sequence).limit(limit)
+    return (await session.scalars(query)).all()
+
+
+# -- the activity log --------------------------------------------------------------------------------------------
+
+
+async def add_activity_once(session: AsyncSession, values: Mapping[str, Any]) -> None:
+    """Insert one activity row unless its ``entry_id`` is already there (call under :func:`lock_log`)."""
+    await session.execute(insert(Activity).values(**values).on_conflict_do_nothing(index_elements=["entry_id"]))
+
+
+async def activity_page(
+    session: AsyncSession,
+    condition: ColumnElement[bool],
+    head: int,
+    after: int,
+    descending: bool,
+    limit: int,
+) -> Sequence[Activity]:
+    """Up to ``limit`` entries matching ``condition`` up to ``head``, past ``after`` in the order asked."""
+    query = select(Activity).where(condition, Activity.sequence <= head)
+    if after:
+        query = query.where(Activity.sequence < after if descending else Activity.sequence > after)
+    order = Activity.sequence.desc() if descending else Activity.sequence.asc()
+    return (await session.scalars(query.order_by(order).limit(limit))).all()
+
+
+async def activity_after(
+    session: AsyncSession, condition: ColumnElement[bool], after: int, top: int, limit: int
+) -> Sequence[Activity]:
+    """Up to ``limit`` entries matching ``condition`` in ``(after, top]``, oldest first."""
+    query = select(Activity).where(Activity.sequence > after, Activity.sequence <= top, condition)
+    return (await session.scalars(query.order_by(Activity.sequence).limit(limit))).all()
 
 
 # -- activity filter in SQL --------------------------------------------------------------------------------------
@@ -249,8 +405,6 @@ def _escape_like(value: str) -> str:
 
 def activity_condition(tree: filtering.Node | None) -> ColumnElement[bool]:
     """The WHERE clause of an activity filter; every value is a bound parameter."""
-    from sqlalchemy import and_, not_, or_, true
-
     if tree is None:
         return true()
     if isinstance(tree, filtering.Not):
