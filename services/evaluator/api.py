@@ -30,8 +30,8 @@ from services.runtime.errors import MawError, failed_precondition, not_found, pe
 from services.runtime.principal import current_principal
 
 from . import _policy, peer_review, review_store, rollback, store, voting
-from .judge import (
-    Judge,
+from .judge import Judge
+from .verdict_context import (
     effective_policy,
     failed,
     new_verdict,

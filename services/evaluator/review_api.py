@@ -14,7 +14,7 @@ from services.runtime.errors import not_found
 
 from . import review_store
 from .api import Ctx, _filter, _name_id, _page, _token
-from .judge import task_id_of
+from .verdict_context import task_id_of
 from .voting_api import VotingReads
 
 _STATES = {

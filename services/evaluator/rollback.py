@@ -39,8 +39,8 @@ from services.runtime.errors import MawError, failed_precondition, not_found, un
 from services.runtime.internal import internal_channel
 
 from . import store, voting
-from .judge import new_verdict, now_ts, task_id_of
 from .settings import EvaluatorSettings
+from .verdict_context import new_verdict, now_ts, task_id_of
 
 METHOD = "RollbackToCheckpoint"
 _CANCELLED = (spb.TASK_STATE_CANCELLING, spb.TASK_STATE_CANCELLED)

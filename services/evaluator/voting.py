@@ -35,12 +35,23 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.runtime import invalid_argument
 
 from . import _policy, store, voting_store
-from . import judge as _judge
 from .judgement import Decision, Trigger, Verdict, decide, with_frequency
 from .reviews import RANKING_FORMAT
 from .scorers import Dimension, Finding, Severity
 from .scoring import DimensionResult, Scorecard, grade_of
 from .tally import Entry, Method, tally
+from .verdict_context import (
+    effective_policy,
+    evaluation_message,
+    failed,
+    new_verdict,
+    now_ts,
+    open_or_join_checkpoint,
+    progress_at,
+    root_of,
+    task_id_of,
+    verdicts_for,
+)
 
 COLLECTING, VOTING, DECIDED = epb.VOTING_STATE_COLLECTING, epb.VOTING_STATE_VOTING, epb.VOTING_STATE_DECIDED
 TIED, OVERRIDDEN = epb.VOTING_STATE_TIED, epb.VOTING_STATE_OVERRIDDEN
@@ -114,7 +125,7 @@ def card_of(evaluation: epb.Evaluation) -> Scorecard:
 async def commit_solution(db: AsyncEngine, result: ipb.SubmittedResult, evaluation_id: str, card: Scorecard) -> bool:
     """Record one solution (and count the vote when it is the last); False when its round is already decided,
     so the caller judges the result as ordinary work (e.g. a logical subtask retried by an operator)."""
-    task_id = _judge.task_id_of(result.task)
+    task_id = task_id_of(result.task)
     async with db.begin() as conn:
         task = await store.get_task(conn, task_id, lock=True)
         found = await voting_store.round_of(conn, task_id, result.solution_of, lock=True)
@@ -122,13 +133,13 @@ async def commit_solution(db: AsyncEngine, result: ipb.SubmittedResult, evaluati
             return False
         if not await store.claim_result(conn, result.result_id):
             return True  # judged meanwhile by another replica
-        policy = await _judge.effective_policy(conn, task_id)
+        policy = await effective_policy(conn, task_id)
         if found is None:
             registration = ipb.RegisterTaskRequest.FromString(task[0]) if task else None
             round_id = uuid.uuid4().hex[:16]
             body = epb.VotingRound(
                 name=f"votingRounds/{round_id}", task=result.task, subtask=result.solution_of,
-                method=int(method_of(policy)), state=COLLECTING, create_time=_judge.now_ts(),  # type: ignore[arg-type]
+                method=int(method_of(policy)), state=COLLECTING, create_time=now_ts(),  # type: ignore[arg-type]
             )  # fmt: skip
             expected = expected_solutions(registration, key_of(result.solution_of), max(2, policy.voting.solutions))
             await voting_store.insert_round(
@@ -137,16 +148,14 @@ async def commit_solution(db: AsyncEngine, result: ipb.SubmittedResult, evaluati
             found = await voting_store.round_of(conn, task_id, result.solution_of, lock=True)
             assert found is not None
         round_ = epb.VotingRound.FromString(found.body)
-        usable = not _judge.failed(result)
+        usable = not failed(result)
         waiting = Decision(Verdict.ACCEPT, f"solution of {round_.name}; waiting for the vote")
-        evaluation = _judge.evaluation_message(
-            evaluation_id, result, card, waiting, policy, epb.EVALUATION_STATE_RUNNING
-        )
+        evaluation = evaluation_message(evaluation_id, result, card, waiting, policy, epb.EVALUATION_STATE_RUNNING)
         evaluation.verdict = epb.VERDICT_UNSPECIFIED
         evaluation.verdict_reason = waiting.reason if usable else f"{waiting.reason}; this solution failed"
         evaluation.ClearField("complete_time")
         await store.insert_evaluation(
-            conn, evaluation_id, task_id, result.subtask, _judge.root_of(result), 0, evaluation.SerializeToString()
+            conn, evaluation_id, task_id, result.subtask, root_of(result), 0, evaluation.SerializeToString()
         )
         key = result.subtask_key or key_of(result.subtask)
         solution = epb.Solution(
@@ -181,7 +190,7 @@ async def _advance(conn: AsyncConnection, found: voting_store.Round, policy: epb
     logical = _logical(solutions)
     task = await store.get_task(conn, found.task_id)
     description = ipb.RegisterTaskRequest.FromString(task[0]).description if task else ""
-    verdict = _judge.new_verdict(
+    verdict = new_verdict(
         round_.task, logical.subtask, _attempt(logical), logical.result_id, f"evaluations/{logical.evaluation_id}"
     )
     ask = verdict.request_reviews
@@ -231,7 +240,7 @@ async def review_arrived(conn: AsyncConnection, review: epb.Review) -> list[vpb.
 
     Runs in the caller's transaction, which holds the task's lock (peer_review takes each review that way).
     """
-    task_id = _judge.task_id_of(review.task)
+    task_id = task_id_of(review.task)
     found = await voting_store.round_of(conn, task_id, review.subtask, lock=True)
     if found is None or found.state != VOTING:
         return []
@@ -248,7 +257,7 @@ async def review_arrived(conn: AsyncConnection, review: epb.Review) -> list[vpb.
     ballots = await voting_store.ballots_of(conn, found.id)
     if len(ballots) < found.reviewers:
         return []
-    policy = await _judge.effective_policy(conn, task_id)
+    policy = await effective_policy(conn, task_id)
     return await _count(conn, found, solutions, ballots, policy)
 
 
@@ -296,15 +305,15 @@ async def _tie(
     """A tie the rules cannot break: a person decides at an ESCALATION checkpoint that holds the logical subtask."""
     result = await _result(conn, logical.result_id)
     why = f"the vote on {key_of(round_.subtask)} tied: {reason}"
-    cp, _ = await _judge.open_or_join_checkpoint(
-        conn, round_.task, round_.subtask, int(Trigger.ESCALATION), why, _judge.progress_at(result)
+    cp, _ = await open_or_join_checkpoint(
+        conn, round_.task, round_.subtask, int(Trigger.ESCALATION), why, progress_at(result)
     )
     if not cp.voting_round:
         cp.voting_round = round_.name
         await store.update_checkpoint(conn, cp.name.removeprefix("checkpoints/"), cp.state, cp.SerializeToString())
     round_.state, round_.checkpoint = TIED, cp.name
     await voting_store.update_round(conn, found.id, TIED, round_.SerializeToString())
-    verdict = _judge.new_verdict(
+    verdict = new_verdict(
         round_.task, round_.subtask, _attempt(logical), logical.result_id, f"evaluations/{logical.evaluation_id}"
     )
     verdict.pause.trigger = epb.CHECKPOINT_TRIGGER_ESCALATION
@@ -327,9 +336,9 @@ async def _select(
     logical = _logical(solutions)
     chosen = epb.Solution.FromString(winner.body)
     round_.state, round_.winner, round_.decision_reason = state, chosen.name, reason  # type: ignore[assignment]
-    round_.decide_time.CopyFrom(_judge.now_ts())
+    round_.decide_time.CopyFrom(now_ts())
     await voting_store.update_round(conn, found.id, state, round_.SerializeToString())
-    verdict = _judge.new_verdict(round_.task, round_.subtask, _attempt(logical), logical.result_id, chosen.evaluation)
+    verdict = new_verdict(round_.task, round_.subtask, _attempt(logical), logical.result_id, chosen.evaluation)
     verdict.score = chosen.score
     verdict.select_solution.voting_round = round_.name
     verdict.select_solution.winner = winner.subtask
@@ -369,8 +378,8 @@ async def _decide_winner(
     decision = Decision(decision.verdict, f"{decision.reason} ({key_of(winner.subtask)} won {round_.name})",
                         decision.trigger)  # fmt: skip
     evaluation_id = uuid.uuid4().hex[:20]
-    evaluation = _judge.evaluation_message(evaluation_id, result, card, decision, policy)
-    verdicts = _judge.Judge._verdicts_for(result, evaluation, card, decision)
+    evaluation = evaluation_message(evaluation_id, result, card, decision, policy)
+    verdicts = verdicts_for(result, evaluation, card, decision)
     main = verdicts[0]
     if decision.verdict == Verdict.CORRECT:
         main.correct.correction_cycle = await store.bump_corrections(
@@ -378,9 +387,9 @@ async def _decide_winner(
             [fb.SerializeToString() for fb in main.correct.feedback],
         )  # fmt: skip
     elif decision.verdict == Verdict.ESCALATE:
-        cp, _ = await _judge.open_or_join_checkpoint(
+        cp, _ = await open_or_join_checkpoint(
             conn, round_.task, round_.subtask, int(decision.trigger or Trigger.ESCALATION), decision.reason,
-            _judge.progress_at(result, decision, rules),
+            progress_at(result, decision, rules),
         )  # fmt: skip
         main.pause.checkpoint = cp.name
     await voting_store.insert_evaluation_now(
@@ -409,7 +418,7 @@ async def decide_at_checkpoint(
     without a selection, takes its best solution by score (DECIDED). For APPROVE and CORRECT the winner's result
     is stored as the logical subtask's new evaluation, so the checkpoint's per-subtask verdicts address it.
     """
-    task_id = _judge.task_id_of(cp.task)
+    task_id = task_id_of(cp.task)
     chosen = request.selected_solution
     if chosen and not cp.voting_round:
         raise invalid_argument([("selected_solution", "this checkpoint has no voting round")])
@@ -428,7 +437,7 @@ async def decide_at_checkpoint(
             raise invalid_argument([("selected_solution", f"{cp.voting_round} is not waiting for a choice")])
         picked = match.group(2)
     out: list[vpb.Verdict] = []
-    policy = await _judge.effective_policy(conn, task_id)
+    policy = await effective_policy(conn, task_id)
     everything = await voting_store.solutions_of(conn, [r.id for r in tied])
     for found in tied:
         solutions = [s for s in everything if s.round_id == found.id]
@@ -463,7 +472,7 @@ async def decide_at_checkpoint(
         verdict = Verdict.CORRECT if request.decision == epb.CHECKPOINT_DECISION_CORRECT else Verdict.ACCEPT
         decision = Decision(verdict, reason)
         evaluation_id = uuid.uuid4().hex[:20]
-        evaluation = _judge.evaluation_message(evaluation_id, result, card, decision, policy)
+        evaluation = evaluation_message(evaluation_id, result, card, decision, policy)
         await voting_store.insert_evaluation_now(
             conn, evaluation_id, task_id, round_.subtask, int(verdict), evaluation.SerializeToString()
         )

@@ -16,7 +16,7 @@ from services.runtime.errors import not_found
 
 from . import voting, voting_store
 from .api import Ctx, _filter, _name_id, _page, _token
-from .judge import task_id_of
+from .verdict_context import task_id_of
 
 _STATES = {
     "COLLECTING": epb.VOTING_STATE_COLLECTING,

@@ -7,8 +7,8 @@ from maw.evaluator.v1 import evaluation_intake_service_pb2 as ipb
 from maw.evaluator.v1 import resources_pb2 as epb
 
 from services.evaluator import _policy
-from services.evaluator.judge import failed, failure_decision
 from services.evaluator.judgement import Trigger, Verdict
+from services.evaluator.verdict_context import failed, failure_decision
 
 FAILURE = ipb.SubmittedResult(
     subtask_key="s0", attempt=3, outcome=work_pb2.OUTCOME_TIMED_OUT, error_message="killed after 600 s"
