@@ -191,10 +191,10 @@ async def get_review(conn: AsyncConnection, review_id: str) -> bytes | None:
 
 async def list_reviews(
     conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
-) -> list[tuple[bytes, datetime, str]]:
+) -> list[store.PageRow]:
     """A page of reviews, oldest first; ``where`` maps a column (task_id, subtask, attempt, review_subtask,
     reviewer, state, recommendation) to its value."""
-    return await store._page(conn, "reviews", where, after, limit)
+    return await store.page(conn, "reviews", where, after, limit)
 
 
 async def update_evaluation(conn: AsyncConnection, evaluation_id: str, verdict: int, body: bytes) -> None:

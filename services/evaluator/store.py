@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from maw.evaluator.v1 import resources_pb2 as epb
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 VERDICTS, ACTIVITY = 1, 2  # outbox targets: the scheduler's VerdictService, the registry's activity log
-OPEN = 1  # CheckpointState.OPEN
+OPEN = epb.CHECKPOINT_STATE_OPEN
+
+
+class PageRow(NamedTuple):
+    """One row of a listed page: the resource's body and its keyset position."""
+
+    body: bytes
+    create_time: datetime
+    id: str
 
 
 # -- policies and tasks ----------------------------------------------------------------------------------
@@ -148,9 +156,9 @@ async def get_evaluation(conn: AsyncConnection, evaluation_id: str) -> bytes | N
     return bytes(row[0]) if row else None
 
 
-async def _page(
+async def page(
     conn: AsyncConnection, table: str, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
-) -> list[tuple[bytes, datetime, str]]:
+) -> list[PageRow]:
     """A keyset page of ``table`` (code-chosen name and columns), oldest first, values always bound."""
     clauses = [f"{column} = :{column}" for column in where]
     params = dict(where)
@@ -162,14 +170,14 @@ async def _page(
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY create_time, id LIMIT :limit"
     rows = await conn.execute(text(sql), {**params, "limit": limit})
-    return [(bytes(r[0]), r[1], r[2]) for r in rows]
+    return [PageRow(bytes(r.body), r.create_time, r.id) for r in rows]
 
 
 async def list_evaluations(
     conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
-) -> list[tuple[bytes, datetime, str]]:
+) -> list[PageRow]:
     """A page of evaluations, oldest first; ``where`` maps a column (task_id, subtask, root) to its value."""
-    return await _page(conn, "evaluations", where, after, limit)
+    return await page(conn, "evaluations", where, after, limit)
 
 
 async def bump_corrections(conn: AsyncConnection, task_id: str, root: str, feedback: Sequence[bytes]) -> int:
@@ -239,9 +247,9 @@ async def open_checkpoint_of(conn: AsyncConnection, task_id: str) -> tuple[str, 
 
 async def list_checkpoints(
     conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
-) -> list[tuple[bytes, datetime, str]]:
+) -> list[PageRow]:
     """A page of checkpoints, oldest first; ``where`` maps a column (state, task_id, assignee, trigger) to its value."""
-    return await _page(conn, "checkpoints", where, after, limit)
+    return await page(conn, "checkpoints", where, after, limit)
 
 
 # -- outbox and request ids -------------------------------------------------------------------------------------
