@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 from maw.evaluator.v1 import checkpoint_service_pb2 as cpb
 from maw.evaluator.v1 import resources_pb2 as epb
-from maw.registry.v1 import activity_intake_service_pb2 as aipb
 from maw.scheduler.v1 import resources_pb2 as spb
 from maw.scheduler.v1 import verdict_service_pb2 as vpb
 from maw.scheduler.v1 import verdict_service_pb2_grpc as vpb_grpc
@@ -39,12 +37,12 @@ from services.runtime.errors import MawError, failed_precondition, not_found, un
 from services.runtime.internal import internal_channel
 
 from . import store, voting
+from .activity import checkpoint_activity
 from .settings import EvaluatorSettings
 from .verdict_context import new_verdict, now_ts, task_id_of
 
 METHOD = "RollbackToCheckpoint"
 _CANCELLED = (spb.TASK_STATE_CANCELLING, spb.TASK_STATE_CANCELLED)
-Activity = Callable[..., aipb.ActivityRecord]
 
 
 async def plan_of(settings: EvaluatorSettings, cp: epb.Checkpoint) -> vpb.GetRollbackPlanResponse:
@@ -127,9 +125,9 @@ async def preview(
 
 async def roll_back(
     db: AsyncEngine, settings: EvaluatorSettings, ident: str, request: cpb.RollbackToCheckpointRequest,
-    caller: str, activity: Activity,
+    caller: str,
 ) -> cpb.RollbackToCheckpointResponse:  # fmt: skip
-    """CheckpointService.RollbackToCheckpoint (``activity`` makes the activity record, as for decisions)."""
+    """CheckpointService.RollbackToCheckpoint."""
     problems = []
     if len(request.comment) > 2000:
         problems.append(("comment", "at most 2000 characters"))
@@ -172,7 +170,7 @@ async def roll_back(
         verdict.rollback.checkpoint = cp.name
         verdict.rollback.reset_subtasks.extend(plan.reset_subtasks)
         await store.enqueue(conn, store.VERDICTS, [(task_id, verdict.SerializeToString())])
-        record = activity(cp, caller, "rolled_back", now, request.comment)
+        record = checkpoint_activity(cp, caller, "rolled_back", now, request.comment)
         record.entry_id = f"evaluator-rollback-{ident}-{uuid.uuid4().hex[:12]}"
         resets = len(plan.reset_subtasks)
         record.entry.summary = (f"{caller} rolled {cp.task} back to {cp.name} ({resets} subtasks reset)"
