@@ -212,10 +212,10 @@ class CheckpointService(cpb_grpc.CheckpointServiceServicer):
             task = await store.get_task(conn, task_id, lock=True)
             if task is None:
                 raise not_found("maw.scheduler.v1.Task", given.task)
-            if task[1]:
+            if task.finished:
                 raise failed_precondition("TASK_FINISHED", given.task, "the task has finished")
             if (found := await store.open_checkpoint_of(conn, task_id)) is not None:
-                name = epb.Checkpoint.FromString(found[1]).name
+                name = epb.Checkpoint.FromString(found.body).name
                 raise failed_precondition("CHECKPOINT_OPEN", given.task, f"the task already waits at {name}")
             reason = given.reason or f"opened by {caller.name}"
             cp, _ = await open_or_join_checkpoint(

@@ -45,7 +45,7 @@ class EvaluationIntakeService(ipb_grpc.EvaluationIntakeServiceServicer):
         async with self.db.begin() as conn:
             if await store.insert_task(conn, task_id, request.SerializeToString()):
                 default = await store.get_policy(conn, _policy.DEFAULT_NAME)
-                base = epb.Policy.FromString(default[0]) if default else _policy.default_policy()
+                base = epb.Policy.FromString(default.body) if default else _policy.default_policy()
                 policy = _policy.overlay(base, request.policy)
                 policy.name = f"tasks/{task_id}/policy"
                 policy.etag = uuid.uuid4().hex[:16]
@@ -140,10 +140,10 @@ class EvaluationIntakeService(ipb_grpc.EvaluationIntakeServiceServicer):
                 if update.kind in ended:
                     await store.finish_task(conn, match.group(1), True)
                     while (found := await store.open_checkpoint_of(conn, match.group(1))) is not None:
-                        cp = epb.Checkpoint.FromString(found[1])
+                        cp = epb.Checkpoint.FromString(found.body)
                         cp.state = epb.CHECKPOINT_STATE_CANCELLED
                         cp.close_time.CopyFrom(now_ts())
-                        await store.update_checkpoint(conn, found[0], cp.state, cp.SerializeToString())
+                        await store.update_checkpoint(conn, found.id, cp.state, cp.SerializeToString())
                 elif update.kind == ipb.TASK_UPDATE_KIND_REOPENED:
                     await store.finish_task(conn, match.group(1), False)
                 elif update.kind == ipb.TASK_UPDATE_KIND_AWAITING_ACCEPTANCE and await store.get_task(

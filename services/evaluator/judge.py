@@ -25,7 +25,6 @@ from maw.registry.v1 import activity_intake_service_pb2 as aipb
 from maw.registry.v1 import activity_intake_service_pb2_grpc as aipb_grpc
 from maw.scheduler.v1 import verdict_service_pb2 as vpb
 from maw.scheduler.v1 import verdict_service_pb2_grpc as vpb_grpc
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime.internal import internal_channel
@@ -103,8 +102,9 @@ class Judge:
         """Judge up to one batch of pending results; True if there may be more."""
         async with self.db.connect() as conn:
             pending = await store.pending_results(conn, self.settings.judge_batch)
-        for _, task_id, evaluation_id, body in pending:
-            result = ipb.SubmittedResult.FromString(body)
+        for row in pending:
+            task_id, evaluation_id = row.task_id, row.evaluation_id
+            result = ipb.SubmittedResult.FromString(row.body)
             async with self.db.connect() as conn:
                 policy = await effective_policy(conn, task_id)
             if peer_review.handles(result, policy):  # a REVIEW output, or a result that waits for reviews
@@ -225,17 +225,17 @@ class Judge:
         """Deliver one batch of ``target``'s outbox; remove it only after the receiver acknowledged it."""
         lock = zlib.crc32(f"maw-evaluator-outbox-{target}".encode())
         async with self.db.begin() as conn:
-            if not (await conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": lock})).scalar():
+            if not await store.try_lock(conn, lock):
                 return False
             batch = await store.outbox_batch(conn, target, self.settings.relay_batch)
             if not batch:
                 return False
             if hold == "before_delivery":
                 await asyncio.Event().wait()  # TEST ONLY: stay here until killed
-            await send([body for _, body in batch])  # type: ignore[misc]
+            await send([item.body for item in batch])  # type: ignore[misc]
             if hold == "after_delivery":
                 await asyncio.Event().wait()  # TEST ONLY: delivered, not yet removed; stay here until killed
-            await store.outbox_done(conn, [i for i, _ in batch])
+            await store.outbox_done(conn, [item.id for item in batch])
         return len(batch) >= self.settings.relay_batch
 
 

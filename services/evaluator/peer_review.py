@@ -130,13 +130,14 @@ async def _request_reviews(
         evaluation.verdict = epb.VERDICT_UNSPECIFIED
         evaluation.ClearField("complete_time")
         await store.insert_evaluation(
-            conn, evaluation_id, task_id, result.subtask, root_of(result), 0, evaluation.SerializeToString()
-        )
+            conn, evaluation_id, task_id, result.subtask, root_of(result), evaluation.verdict,
+            evaluation.SerializeToString(),
+        )  # fmt: skip
         await review_store.insert_wait(
             conn, evaluation_id, task_id, result.subtask, result.attempt, result.result_id, k,
             measures, broken,
         )  # fmt: skip
-        description = ipb.RegisterTaskRequest.FromString(task[0]).description if task else ""
+        description = ipb.RegisterTaskRequest.FromString(task.body).description if task else ""
         verdict = new_verdict(result.task, result.subtask, result.attempt, result.result_id, evaluation.name)
         verdict.request_reviews.reviewers = k
         verdict.request_reviews.require_different_tool = policy.peer_review.require_different_tool

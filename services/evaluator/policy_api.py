@@ -40,7 +40,7 @@ class PolicyService(ppb_grpc.PolicyServiceServicer):
     async def _get(self, conn: Any, name: str) -> epb.Policy:
         stored = await store.get_policy(conn, name)
         if stored is not None:
-            return epb.Policy.FromString(stored[0])
+            return epb.Policy.FromString(stored.body)
         if name == _policy.DEFAULT_NAME:
             return _policy.default_policy()
         raise not_found("maw.evaluator.v1.Policy", name)

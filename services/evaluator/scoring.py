@@ -14,6 +14,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from maw.evaluator.v1 import resources_pb2 as epb
+
 from .scorers import Dimension, Finding, Measure, Scorer, Severity, Work
 
 _log = logging.getLogger("maw.evaluator.scoring")
@@ -22,12 +24,12 @@ _log = logging.getLogger("maw.evaluator.scoring")
 class Grade(enum.IntEnum):
     """Grade of an overall score (values equal maw.evaluator.v1.Grade)."""
 
-    UNSPECIFIED = 0
-    EXCELLENT = 1
-    GOOD = 2
-    ACCEPTABLE = 3
-    POOR = 4
-    FAIL = 5
+    UNSPECIFIED = epb.GRADE_UNSPECIFIED
+    EXCELLENT = epb.GRADE_EXCELLENT
+    GOOD = epb.GRADE_GOOD
+    ACCEPTABLE = epb.GRADE_ACCEPTABLE
+    POOR = epb.GRADE_POOR
+    FAIL = epb.GRADE_FAIL
 
 
 def grade_of(score: float | None) -> Grade:

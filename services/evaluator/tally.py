@@ -21,12 +21,14 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from maw.evaluator.v1 import resources_pb2 as epb
+
 
 class Method(enum.IntEnum):
     """How votes combine (values equal maw.evaluator.v1.VoteMethod)."""
 
-    MAJORITY = 1
-    WEIGHTED = 2
+    MAJORITY = epb.VOTE_METHOD_MAJORITY
+    WEIGHTED = epb.VOTE_METHOD_WEIGHTED
 
 
 @dataclass(frozen=True)

@@ -169,13 +169,13 @@ async def open_or_join_checkpoint(
     task_id = task_id_of(task)
     existing = await store.open_checkpoint_of(conn, task_id)
     if existing is not None:
-        cp = epb.Checkpoint.FromString(existing[1])
+        cp = epb.Checkpoint.FromString(existing.body)
         if subtask not in cp.subtasks or not subtask:
             if subtask:
                 cp.subtasks.append(subtask)
             cp.reason = f"{cp.reason}; {reason}"[:2000]
             cp.etag = uuid.uuid4().hex[:16]
-            await store.update_checkpoint(conn, existing[0], cp.state, cp.SerializeToString())
+            await store.update_checkpoint(conn, existing.id, cp.state, cp.SerializeToString())
         return cp, False
     checkpoint_id = uuid.uuid4().hex[:16]
     cp = epb.Checkpoint(
@@ -235,9 +235,9 @@ async def effective_policy(conn: AsyncConnection, task_id: str) -> epb.Policy:
     """The task's policy (the default one for a task never registered)."""
     stored = await store.get_policy(conn, f"tasks/{task_id}/policy")
     if stored is not None:
-        return epb.Policy.FromString(stored[0])
+        return epb.Policy.FromString(stored.body)
     default = await store.get_policy(conn, _policy.DEFAULT_NAME)
-    return epb.Policy.FromString(default[0]) if default else _policy.default_policy()
+    return epb.Policy.FromString(default.body) if default else _policy.default_policy()
 
 
 def verdicts_for(

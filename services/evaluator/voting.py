@@ -135,7 +135,7 @@ async def commit_solution(db: AsyncEngine, result: ipb.SubmittedResult, evaluati
             return True  # judged meanwhile by another replica
         policy = await effective_policy(conn, task_id)
         if found is None:
-            registration = ipb.RegisterTaskRequest.FromString(task[0]) if task else None
+            registration = ipb.RegisterTaskRequest.FromString(task.body) if task else None
             round_id = uuid.uuid4().hex[:16]
             body = epb.VotingRound(
                 name=f"votingRounds/{round_id}", task=result.task, subtask=result.solution_of,
@@ -155,8 +155,9 @@ async def commit_solution(db: AsyncEngine, result: ipb.SubmittedResult, evaluati
         evaluation.verdict_reason = waiting.reason if usable else f"{waiting.reason}; this solution failed"
         evaluation.ClearField("complete_time")
         await store.insert_evaluation(
-            conn, evaluation_id, task_id, result.subtask, root_of(result), 0, evaluation.SerializeToString()
-        )
+            conn, evaluation_id, task_id, result.subtask, root_of(result), evaluation.verdict,
+            evaluation.SerializeToString(),
+        )  # fmt: skip
         key = result.subtask_key or key_of(result.subtask)
         solution = epb.Solution(
             name=f"{round_.name}/solutions/{key}", subtask=result.subtask, attempt=result.attempt,
@@ -189,7 +190,7 @@ async def _advance(conn: AsyncConnection, found: voting_store.Round, policy: epb
         return await _count(conn, found, solutions, [], policy)
     logical = _logical(solutions)
     task = await store.get_task(conn, found.task_id)
-    description = ipb.RegisterTaskRequest.FromString(task[0]).description if task else ""
+    description = ipb.RegisterTaskRequest.FromString(task.body).description if task else ""
     verdict = new_verdict(
         round_.task, logical.subtask, _attempt(logical), logical.result_id, f"evaluations/{logical.evaluation_id}"
     )
@@ -265,14 +266,14 @@ async def _count(
     conn: AsyncConnection,
     found: voting_store.Round,
     solutions: list[voting_store.SolutionRow],
-    ballots: list[tuple[str, str, list[str]]],
+    ballots: list[voting_store.Ballot],
     policy: epb.Policy,
 ) -> list[vpb.Verdict]:
     """Count the vote and record the ranking: DECIDED (select + decide the winner) or TIED (a checkpoint)."""
     round_ = epb.VotingRound.FromString(found.body)
-    method = Method(found.method) if found.method in (1, 2) else Method.WEIGHTED
+    method = Method(found.method) if found.method in {int(m) for m in Method} else Method.WEIGHTED
     entries = [Entry(s.label or s.id, s.score, s.usable) for s in solutions]
-    outcome = tally(entries, [b[2] for b in ballots], method)
+    outcome = tally(entries, [b.ranking for b in ballots], method)
     placed = {p.label: p for p in outcome.placed}
     by_label = {s.label or s.id: s for s in solutions}
     winner = by_label[outcome.winner] if outcome.winner is not None else None
@@ -283,7 +284,9 @@ async def _count(
         n = sum(1 for x in solutions if x.usable)
         for i, rank in sorted(p.votes.items()):
             points = float(n - rank) if method == Method.WEIGHTED else float(rank == 1)
-            body.votes.append(epb.Vote(review=ballots[i][0], reviewer=ballots[i][1], rank=rank, points=points))
+            body.votes.append(
+                epb.Vote(review=ballots[i].review, reviewer=ballots[i].reviewer, rank=rank, points=points)
+            )
         body.total_points, body.rank, body.selected = p.points, p.rank, s is winner
         s.body, s.rank, s.selected = body.SerializeToString(), p.rank, s is winner
         await voting_store.update_solution(conn, found.id, s.id, s.label, p.rank, s is winner, s.body)
