@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime import invalid_argument
 
-from . import _policy, peer_review, store
+from . import peer_review, policies, store
 from .api_common import SUBTASK, TASK, Ctx
 from .judge import Judge
 from .verdict_context import (
@@ -37,16 +37,16 @@ class EvaluationIntakeService(ipb_grpc.EvaluationIntakeServiceServicer):
     async def RegisterTask(self, request: ipb.RegisterTaskRequest, context: Ctx) -> ipb.RegisterTaskResponse:
         match = TASK.match(request.task)
         problems = [] if match else [("task", "must be tasks/{task}")]
-        problems += _policy.problems(request.policy)
+        problems += policies.problems(request.policy)
         if problems:
             raise invalid_argument(problems)
         assert match is not None
         task_id = match.group(1)
         async with self.db.begin() as conn:
             if await store.insert_task(conn, task_id, request.SerializeToString()):
-                default = await store.get_policy(conn, _policy.DEFAULT_NAME)
-                base = epb.Policy.FromString(default.body) if default else _policy.default_policy()
-                policy = _policy.overlay(base, request.policy)
+                default = await store.get_policy(conn, policies.DEFAULT_NAME)
+                base = epb.Policy.FromString(default.body) if default else policies.default_policy()
+                policy = policies.overlay(base, request.policy)
                 policy.name = f"tasks/{task_id}/policy"
                 policy.etag = uuid.uuid4().hex[:16]
                 policy.update_time.CopyFrom(now_ts())

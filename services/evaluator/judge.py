@@ -1,14 +1,4 @@
-"""The evaluator's core loop: judge submitted results, decide verdicts, and deliver them durably.
-
-- The *judge* takes results SubmitResults recorded (already acknowledged to the scheduler), runs the
-  scorers on each (in a worker thread), and in one transaction stores the evaluation, the verdict in the
-  outbox, any checkpoint it opens, and marks the result judged. A crash before that commit judges the
-  result again after restart; a crash after it finds the verdict in the outbox.
-- Two *relays* drain the outbox: verdicts to the scheduler's VerdictService, decisions to the registry's
-  activity log. An item leaves the outbox only once acknowledged; both receivers are idempotent by id,
-  so a crash between delivery and removal repeats a delivery and never applies it twice. One replica at a
-  time relays each target (a PostgreSQL advisory lock held for the round), which keeps per-task order.
-"""
+"""The evaluator's core loop: judge submitted results, decide verdicts, and deliver them durably."""
 
 from __future__ import annotations
 
@@ -29,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime.internal import internal_channel
 
-from . import _policy, peer_review, store, voting
+from . import peer_review, policies, store, voting
 from .judgement import Decision, Trigger, Verdict, decide, with_frequency
 from .scorers import registered
 from .scoring import Grade, Scorecard, evaluate
@@ -115,7 +105,7 @@ class Judge:
                 card = Scorecard([], None, Grade.UNSPECIFIED)  # a failure is not scored: the ERROR trigger decides
             else:
                 card = await asyncio.to_thread(
-                    evaluate, work_of(result), registered(), _policy.weights_of(policy), list(policy.scorers)
+                    evaluate, work_of(result), registered(), policies.weights_of(policy), list(policy.scorers)
                 )
             if result.solution_of and await voting.commit_solution(self.db, result, evaluation_id, card):
                 self.poke(store.VERDICTS)  # one solution of a voting round (voting.py)
@@ -133,7 +123,7 @@ class Judge:
                 await store.mark_done(conn, result.result_id)  # its subtask was rolled back (rollback.py)
                 return
             policy = await effective_policy(conn, task_id)
-            rules = _policy.rules_of(policy)
+            rules = policies.rules_of(policy)
             decision = decide(card.overall, result.correction_cycle, rules)
             decision = with_frequency(decision, rules, result.task_subtasks_succeeded, result.task_subtasks_total)
             if failed(result):
@@ -177,7 +167,7 @@ class Judge:
             for task_id in due:
                 await store.mark_budget_fired(conn, task_id)
                 policy = await effective_policy(conn, task_id)
-                if Trigger.TIME_BUDGET not in _policy.rules_of(policy).triggers:
+                if Trigger.TIME_BUDGET not in policies.rules_of(policy).triggers:
                     continue
                 budget = policy.time_budget.ToTimedelta()
                 reason = f"the task has run longer than its time budget of {budget}"

@@ -1,13 +1,4 @@
-"""What to do with a scored result: the score bands of a task's policy (pure).
-
-[0, acceptance) → CORRECT while correction cycles remain, then ESCALATE to a person (ESCALATION trigger;
-REJECT when that trigger is off); [acceptance, review) → ESCALATE at a LOW_SCORE checkpoint when that
-trigger is on, else ACCEPT; [review, 10] → ACCEPT. A result no scorer could measure (no code change)
-is judged by its outcome alone, like a SHELL or TEST result: ACCEPT, with grade UNSPECIFIED.
-
-An ACCEPT that brings the task's progress to a milestone of its checkpoint frequency (HIGH: every subtask;
-MEDIUM: 25/50/75/100 %; LOW: 50/100 %) stops at a FREQUENCY checkpoint instead, when that trigger is on.
-"""
+"""What to do with a scored result: the score bands of a task's policy (pure)."""
 
 from __future__ import annotations
 

@@ -1,21 +1,4 @@
-"""Peer review in the judgement loop: ask for reviews, take each review, combine them when all are in.
-
-- A SUCCEEDED result of a reviewed type (``policy.peer_review``) that is neither a REVIEW nor a voting
-  solution is scored by the static scorers as usual, but instead of a verdict its evaluation is stored
-  RUNNING with the measures kept (``review_waits``), and a RequestReviews verdict asks the scheduler for
-  K REVIEW subtasks on other workers/tools.
-- A REVIEW result is parsed (reviews.py) into a Review: VALID, MALFORMED (with the precise reason) or
-  FAILED (the REVIEW subtask failed). The REVIEW subtask is answered at once: Accept when VALID, else
-  Reject with the reason (the scheduler fails it as excused: it never fails its task).
-- When the K-th review of an evaluation is in, the static measures and the valid reviews' "peer-review"
-  measures are combined (the lowest score per dimension still wins), the reviewers' vote is counted
-  (reviews.decide_reviewed) and the usual decision path (corrections, LOW_SCORE, FREQUENCY, escalation)
-  produces the reviewed subtask's verdict. The evaluation becomes COMPLETED and lists its reviews.
-
-Each step is one transaction in the judge's style: the task row is locked, the result claimed once, and
-the stored review, evaluation, checkpoint and verdicts commit together with the result marked judged,
-so a crash anywhere repeats a step at worst and never doubles it.
-"""
+"""Peer review in the judgement loop: ask for reviews, take each review, combine them when all are in."""
 
 from __future__ import annotations
 
@@ -29,7 +12,7 @@ from maw.evaluator.v1 import resources_pb2 as epb
 from maw.scheduler.v1 import verdict_service_pb2 as vpb
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import _policy, review_store, store, voting, voting_store
+from . import policies, review_store, store, voting, voting_store
 from .judgement import Decision, Trigger, Verdict, with_frequency
 from .reviews import FORMAT, ParsedReview, ReviewError, decide_reviewed, measures_of, parse_review
 from .scorers import Dimension, Finding, Measure, Severity, registered
@@ -119,7 +102,7 @@ async def _request_reviews(
     policy: epb.Policy,
 ) -> None:
     task_id = task_id_of(result.task)
-    card = combine(measures, _policy.weights_of(policy))
+    card = combine(measures, policies.weights_of(policy))
     async with db.begin() as conn:
         task = await store.get_task(conn, task_id, lock=True)
         if not await store.claim_result(conn, result.result_id):
@@ -275,9 +258,9 @@ async def _complete(conn: AsyncConnection, wait: review_store.Wait, reviews: lis
     stored = await store.result_body(conn, wait.result_id)
     result = ipb.SubmittedResult.FromString(stored) if stored else ipb.SubmittedResult()
     policy = await effective_policy(conn, wait.task_id)
-    rules = _policy.rules_of(policy)
+    rules = policies.rules_of(policy)
     valid = [(r.name, parsed_of(r)) for r in reviews if r.state == epb.REVIEW_STATE_VALID]
-    card = combine([*wait.measures, *measures_of(valid)], _policy.weights_of(policy))
+    card = combine([*wait.measures, *measures_of(valid)], policies.weights_of(policy))
     card.broken = wait.broken
     votes = [p.recommendation for _, p in valid if p.recommendation is not None]
     decision = decide_reviewed(card.overall, result.correction_cycle, rules, votes)

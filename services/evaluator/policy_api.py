@@ -16,7 +16,7 @@ from services.runtime import invalid_argument
 from services.runtime.errors import MawError, not_found, permission_denied
 from services.runtime.principal import current_principal
 
-from . import _policy, store
+from . import policies, store
 from .api_common import Ctx
 from .judge import Judge
 from .verdict_context import (
@@ -34,15 +34,15 @@ class PolicyService(ppb_grpc.PolicyServiceServicer):
 
     @staticmethod
     def _check_name(name: str, field: str) -> None:
-        if name != _policy.DEFAULT_NAME and not re.match(r"^tasks/[a-z0-9][a-z0-9-]{0,62}/policy$", name):
+        if name != policies.DEFAULT_NAME and not re.match(r"^tasks/[a-z0-9][a-z0-9-]{0,62}/policy$", name):
             raise invalid_argument([(field, "must be policies/default or tasks/{task}/policy")])
 
     async def _get(self, conn: Any, name: str) -> epb.Policy:
         stored = await store.get_policy(conn, name)
         if stored is not None:
             return epb.Policy.FromString(stored.body)
-        if name == _policy.DEFAULT_NAME:
-            return _policy.default_policy()
+        if name == policies.DEFAULT_NAME:
+            return policies.default_policy()
         raise not_found("maw.evaluator.v1.Policy", name)
 
     async def GetPolicy(self, request: ppb.GetPolicyRequest, context: Ctx) -> ppb.GetPolicyResponse:
@@ -53,7 +53,7 @@ class PolicyService(ppb_grpc.PolicyServiceServicer):
     async def UpdatePolicy(self, request: ppb.UpdatePolicyRequest, context: Ctx) -> ppb.UpdatePolicyResponse:
         name = request.policy.name
         self._check_name(name, "policy.name")
-        if name == _policy.DEFAULT_NAME and current_principal().role != "admin":
+        if name == policies.DEFAULT_NAME and current_principal().role != "admin":
             raise permission_denied("only an admin may change policies/default", "ADMIN_ONLY")
         fields = list(request.update_mask.paths)
         settable = {"weights", "acceptance_threshold", "review_threshold", "max_correction_cycles",
@@ -63,7 +63,7 @@ class PolicyService(ppb_grpc.PolicyServiceServicer):
             bad.append(("update_mask", "name the fields to change"))
         if bad:
             raise invalid_argument(bad)
-        problems = _policy.problems(request.policy)
+        problems = policies.problems(request.policy)
         if problems:
             raise invalid_argument(problems)
         async with self.db.begin() as conn:
@@ -84,12 +84,12 @@ class PolicyService(ppb_grpc.PolicyServiceServicer):
             current.etag = uuid.uuid4().hex[:16]
             current.update_time.CopyFrom(now_ts())
             await store.put_policy(conn, name, current.SerializeToString(), current.etag)
-            if name != _policy.DEFAULT_NAME:  # the scheduler's copy (ERROR, BEFORE_FINAL_ACCEPT) follows, in order
+            if name != policies.DEFAULT_NAME:  # the scheduler's copy (ERROR, BEFORE_FINAL_ACCEPT) follows, in order
                 task_id = name.removeprefix("tasks/").removesuffix("/policy")
                 changed = new_verdict(f"tasks/{task_id}", "", 0, "", "")
                 changed.policy_changed.policy.CopyFrom(current)
                 await store.enqueue(conn, store.VERDICTS, [(task_id, changed.SerializeToString())])
-        if name != _policy.DEFAULT_NAME:
+        if name != policies.DEFAULT_NAME:
             self.judge.poke(store.VERDICTS)
         return ppb.UpdatePolicyResponse(policy=current)
 

@@ -1,5 +1,4 @@
-"""PostgreSQL access for peer review (evaluator schema, migration 0004): evaluations waiting for their
-reviews (``review_waits``, with the static scorers' measures kept to combine later) and the reviews."""
+"""PostgreSQL access for peer review (migration 0004): evaluations waiting for their reviews, and the reviews."""
 
 from __future__ import annotations
 

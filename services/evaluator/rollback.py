@@ -1,21 +1,4 @@
-"""Rolling a task back to a checkpoint: the evaluator's half (CheckpointService.PreviewRollback and
-RollbackToCheckpoint).
-
-The scheduler knows the subtasks' states and the mark it recorded when it first paused the task at the
-checkpoint, so it plans what resets (VerdictService.GetRollbackPlan, read only). The evaluator adds what it knows:
-the checkpoints opened after this one (closed: CANCELLED if still OPEN, kept in history if decided; this one too
-while it is OPEN) and the evaluations of the reset subtasks made since it opened (superseded). The preview's
-etag hashes the checkpoint's etag with the plan's version, so any change of the checkpoint or of the task's
-subtasks changes it.
-
-The rollback itself, in one transaction: close those checkpoints, stamp this one's ``rollback_time`` (new etag,
-``completed_subtasks`` = what the mark keeps), reset the correction cycles of the reset subtasks (their history
-stays), drop their results still waiting to be judged, remember the attempts they are at (``superseded_attempts``:
-a result of such an attempt that the scheduler commits before it applies the verdict is never judged), and put
-the Rollback verdict (with the reset subtasks listed) and a ``checkpoint.rolled_back`` activity entry in the
-outbox. The scheduler applies the verdict (services/scheduler/rollback.py). A retry with the same request id
-returns the first answer.
-"""
+"""Rolling a task back to a checkpoint: the evaluator's half of PreviewRollback and RollbackToCheckpoint."""
 
 from __future__ import annotations
 

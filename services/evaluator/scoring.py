@@ -1,11 +1,4 @@
-"""Combining scorers' measures into an honest scorecard (pure; the scorers themselves may run tools).
-
-- A dimension's score is the lowest score any scorer gave it (a dimension is as good as its worst
-  measured evidence); its evidence is every finding of every scorer that measured it.
-- Dimensions no scorer measured are left out of the overall score, never counted as perfect; the
-  weights of the measured ones are normalised to sum to 1.
-- Overall is rounded to 0.1; grades: excellent ≥ 9, good ≥ 7, acceptable ≥ 5, poor ≥ 3, fail < 3.
-"""
+"""Combining scorers' measures into an honest scorecard (pure; the scorers themselves may run tools)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from maw.evaluator.v1 import resources_pb2 as epb
 from maw.scheduler.v1 import verdict_service_pb2 as vpb
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from . import _policy, store
+from . import policies, store
 from .diffs import parse_diff
 from .judgement import Decision, Rules, Trigger, Verdict, milestone
 from .scorers import Dimension, Finding, Work
@@ -236,8 +236,8 @@ async def effective_policy(conn: AsyncConnection, task_id: str) -> epb.Policy:
     stored = await store.get_policy(conn, f"tasks/{task_id}/policy")
     if stored is not None:
         return epb.Policy.FromString(stored.body)
-    default = await store.get_policy(conn, _policy.DEFAULT_NAME)
-    return epb.Policy.FromString(default.body) if default else _policy.default_policy()
+    default = await store.get_policy(conn, policies.DEFAULT_NAME)
+    return epb.Policy.FromString(default.body) if default else policies.default_policy()
 
 
 def verdicts_for(

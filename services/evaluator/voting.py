@@ -1,24 +1,4 @@
-"""Voting rounds in the judgement loop: collect competing solutions, count the vote, let the best one continue.
-
-- A result with ``solution_of`` is one solution of the round for (task, logical subtask), created with the first
-  solution. It is scored by the static scorers like any result, but its evaluation stays RUNNING with no verdict;
-  a failed solution (its subtask failed for good) is recorded unscored and cannot win.
-- When all N solutions are in: with ``voting.reviewers`` K > 0 and at least two usable solutions, a
-  RequestReviews verdict on the logical subtask asks for K REVIEW subtasks that rank the solutions, labelled
-  A, B, C… in ``compare_subtasks`` order (state VOTING); each review comes back through the peer-review path
-  (:func:`review_arrived`) and when all K are in (valid or not) the vote is counted. With K = 0 the solutions
-  are ranked by score alone. The count itself is tally.py.
-- DECIDED: a SelectSolution verdict (winner, the others not selected), then the usual decision on the winner's
-  score (accept, correct, or a LOW_SCORE / ESCALATION checkpoint), addressed to the logical subtask's next
-  attempt: the scheduler copies the winner's result into attempt + 1 of the logical subtask when an
-  alternative won. That decision is stored as a new evaluation of the logical subtask, so checkpoints and
-  corrections work on it as on any result.
-- TIED (the rules cannot break a tie, or no solution is usable): an ESCALATION checkpoint with ``voting_round``
-  set holds the logical subtask. DecideCheckpoint with ``selected_solution`` picks that solution (OVERRIDDEN);
-  APPROVE or CORRECT without one picks the best by score (the first in solution order on equal scores; DECIDED).
-
-Every step runs in the caller's transaction with the task row locked, so a crash repeats a step at worst.
-"""
+"""Voting rounds in the judgement loop: collect competing solutions, count the vote, let the best one continue."""
 
 from __future__ import annotations
 
@@ -34,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runtime import invalid_argument
 
-from . import _policy, store, voting_store
+from . import policies, store, voting_store
 from .judgement import Decision, Trigger, Verdict, decide, with_frequency
 from .reviews import RANKING_FORMAT
 from .scorers import Dimension, Finding, Severity
@@ -185,7 +165,7 @@ async def _advance(conn: AsyncConnection, found: voting_store.Round, policy: epb
     for label, s in zip(LABELS, usable, strict=False):
         s.label = label
         await voting_store.update_solution(conn, found.id, s.id, label, 0, False, s.body)
-    k = min(policy.voting.reviewers, _policy.MAX_REVIEWERS)
+    k = min(policy.voting.reviewers, policies.MAX_REVIEWERS)
     if k <= 0 or len(usable) < 2:
         return await _count(conn, found, solutions, [], policy)
     logical = _logical(solutions)
@@ -375,7 +355,7 @@ async def _decide_winner(
 ) -> list[vpb.Verdict]:
     """The usual decision on the winner's score, for the logical subtask (stored as its new evaluation)."""
     result, card = await _as_logical(conn, round_, logical, winner)
-    rules = _policy.rules_of(policy)
+    rules = policies.rules_of(policy)
     decision = decide(card.overall, 0, rules)
     decision = with_frequency(decision, rules, result.task_subtasks_succeeded, result.task_subtasks_total)
     decision = Decision(decision.verdict, f"{decision.reason} ({key_of(winner.subtask)} won {round_.name})",

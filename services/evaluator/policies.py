@@ -1,4 +1,4 @@
-"""Policies as protos: the default, the overlay rule, validation, and the domain view (private)."""
+"""Policies as protos: the default, the overlay rule, validation, and the domain view of a policy."""
 
 from __future__ import annotations
 
