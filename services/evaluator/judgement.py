@@ -1,48 +1,42 @@
-"""What to do with a scored result: the score bands of a task's policy (pure).
-
-[0, acceptance) → CORRECT while correction cycles remain, then ESCALATE to a person (ESCALATION trigger;
-REJECT when that trigger is off); [acceptance, review) → ESCALATE at a LOW_SCORE checkpoint when that
-trigger is on, else ACCEPT; [review, 10] → ACCEPT. A result no scorer could measure (no code change)
-is judged by its outcome alone, like a SHELL or TEST result: ACCEPT, with grade UNSPECIFIED.
-
-An ACCEPT that brings the task's progress to a milestone of its checkpoint frequency (HIGH: every subtask;
-MEDIUM: 25/50/75/100 %; LOW: 50/100 %) stops at a FREQUENCY checkpoint instead, when that trigger is on.
-"""
+"""What to do with a scored result: the score bands of a task's policy (pure)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 
+from maw.common.v1 import work_pb2
+from maw.evaluator.v1 import resources_pb2 as epb
+
 
 class Verdict(enum.IntEnum):
     """Values equal maw.evaluator.v1.Verdict."""
 
-    ACCEPT = 1
-    CORRECT = 2
-    ESCALATE = 3
-    REJECT = 4
+    ACCEPT = epb.VERDICT_ACCEPT
+    CORRECT = epb.VERDICT_CORRECT
+    ESCALATE = epb.VERDICT_ESCALATE
+    REJECT = epb.VERDICT_REJECT
 
 
 class Trigger(enum.IntEnum):
     """Checkpoint triggers (values equal maw.evaluator.v1.CheckpointTrigger)."""
 
-    FREQUENCY = 1
-    ERROR = 2
-    LOW_SCORE = 3
-    ESCALATION = 4
-    TIME_BUDGET = 5
-    MANUAL = 6
-    AFTER_DECOMPOSITION = 7
-    BEFORE_FINAL_ACCEPT = 8
+    FREQUENCY = epb.CHECKPOINT_TRIGGER_FREQUENCY
+    ERROR = epb.CHECKPOINT_TRIGGER_ERROR
+    LOW_SCORE = epb.CHECKPOINT_TRIGGER_LOW_SCORE
+    ESCALATION = epb.CHECKPOINT_TRIGGER_ESCALATION
+    TIME_BUDGET = epb.CHECKPOINT_TRIGGER_TIME_BUDGET
+    MANUAL = epb.CHECKPOINT_TRIGGER_MANUAL
+    AFTER_DECOMPOSITION = epb.CHECKPOINT_TRIGGER_AFTER_DECOMPOSITION
+    BEFORE_FINAL_ACCEPT = epb.CHECKPOINT_TRIGGER_BEFORE_FINAL_ACCEPT
 
 
 class Frequency(enum.IntEnum):
     """Checkpoint frequencies (values equal maw.common.v1.CheckpointFrequency)."""
 
-    LOW = 1
-    MEDIUM = 2
-    HIGH = 3
+    LOW = work_pb2.CHECKPOINT_FREQUENCY_LOW
+    MEDIUM = work_pb2.CHECKPOINT_FREQUENCY_MEDIUM
+    HIGH = work_pb2.CHECKPOINT_FREQUENCY_HIGH
 
 
 _MILESTONES = {Frequency.LOW: (50, 100), Frequency.MEDIUM: (25, 50, 75, 100)}

@@ -1,21 +1,4 @@
-"""Peer review in the judgement loop: ask for reviews, take each review, combine them when all are in.
-
-- A SUCCEEDED result of a reviewed type (``policy.peer_review``) that is neither a REVIEW nor a voting
-  solution is scored by the static scorers as usual, but instead of a verdict its evaluation is stored
-  RUNNING with the measures kept (``review_waits``), and a RequestReviews verdict asks the scheduler for
-  K REVIEW subtasks on other workers/tools.
-- A REVIEW result is parsed (reviews.py) into a Review: VALID, MALFORMED (with the precise reason) or
-  FAILED (the REVIEW subtask failed). The REVIEW subtask is answered at once: Accept when VALID, else
-  Reject with the reason (the scheduler fails it as excused: it never fails its task).
-- When the K-th review of an evaluation is in, the static measures and the valid reviews' "peer-review"
-  measures are combined (the lowest score per dimension still wins), the reviewers' vote is counted
-  (reviews.decide_reviewed) and the usual decision path (corrections, LOW_SCORE, FREQUENCY, escalation)
-  produces the reviewed subtask's verdict. The evaluation becomes COMPLETED and lists its reviews.
-
-Each step is one transaction in the judge's style: the task row is locked, the result claimed once, and
-the stored review, evaluation, checkpoint and verdicts commit together with the result marked judged,
-so a crash anywhere repeats a step at worst and never doubles it.
-"""
+"""Peer review in the judgement loop: ask for reviews, take each review, combine them when all are in."""
 
 from __future__ import annotations
 
@@ -29,12 +12,26 @@ from maw.evaluator.v1 import resources_pb2 as epb
 from maw.scheduler.v1 import verdict_service_pb2 as vpb
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import _policy, review_store, store, voting, voting_store
-from . import judge as _judge
+from . import policies, review_store, store, voting, voting_store
 from .judgement import Decision, Trigger, Verdict, with_frequency
 from .reviews import FORMAT, ParsedReview, ReviewError, decide_reviewed, measures_of, parse_review
 from .scorers import Dimension, Finding, Measure, Severity, registered
 from .scoring import combine, run_scorers
+from .verdict_context import (
+    effective_policy,
+    evaluation_message,
+    failed,
+    finding_message,
+    instructions_of,
+    new_verdict,
+    now_ts,
+    open_or_join_checkpoint,
+    progress_at,
+    root_of,
+    task_id_of,
+    verdicts_for,
+    work_of,
+)
 
 _log = logging.getLogger("maw.evaluator.peer_review")
 
@@ -92,7 +89,7 @@ async def judge(db: AsyncEngine, result: ipb.SubmittedResult, evaluation_id: str
     if is_review(result):
         await _take_review(db, result, evaluation_id)
         return
-    measures, broken = await asyncio.to_thread(run_scorers, _judge.work_of(result), registered(), list(policy.scorers))
+    measures, broken = await asyncio.to_thread(run_scorers, work_of(result), registered(), list(policy.scorers))
     await _request_reviews(db, result, evaluation_id, measures, broken, policy)
 
 
@@ -104,28 +101,27 @@ async def _request_reviews(
     broken: list[str],
     policy: epb.Policy,
 ) -> None:
-    task_id = _judge.task_id_of(result.task)
-    card = combine(measures, _policy.weights_of(policy))
+    task_id = task_id_of(result.task)
+    card = combine(measures, policies.weights_of(policy))
     async with db.begin() as conn:
         task = await store.get_task(conn, task_id, lock=True)
         if not await store.claim_result(conn, result.result_id):
             return  # judged meanwhile by another replica
         k = policy.peer_review.reviewers
         waiting = Decision(Verdict.ACCEPT, f"waiting for {k} peer review{'s' if k > 1 else ''}")
-        evaluation = _judge.evaluation_message(
-            evaluation_id, result, card, waiting, policy, epb.EVALUATION_STATE_RUNNING
-        )
+        evaluation = evaluation_message(evaluation_id, result, card, waiting, policy, epb.EVALUATION_STATE_RUNNING)
         evaluation.verdict = epb.VERDICT_UNSPECIFIED
         evaluation.ClearField("complete_time")
         await store.insert_evaluation(
-            conn, evaluation_id, task_id, result.subtask, _judge.root_of(result), 0, evaluation.SerializeToString()
-        )
+            conn, evaluation_id, task_id, result.subtask, root_of(result), evaluation.verdict,
+            evaluation.SerializeToString(),
+        )  # fmt: skip
         await review_store.insert_wait(
             conn, evaluation_id, task_id, result.subtask, result.attempt, result.result_id, k,
             measures, broken,
         )  # fmt: skip
-        description = ipb.RegisterTaskRequest.FromString(task[0]).description if task else ""
-        verdict = _judge.new_verdict(result.task, result.subtask, result.attempt, result.result_id, evaluation.name)
+        description = ipb.RegisterTaskRequest.FromString(task.body).description if task else ""
+        verdict = new_verdict(result.task, result.subtask, result.attempt, result.result_id, evaluation.name)
         verdict.request_reviews.reviewers = k
         verdict.request_reviews.require_different_tool = policy.peer_review.require_different_tool
         verdict.request_reviews.instructions = instructions_for(result, description)
@@ -148,9 +144,9 @@ def _review_of(
         review_subtask=result.subtask,
         reviewer=result.worker,
         reviewer_tool=result.tool,
-        create_time=_judge.now_ts(),
+        create_time=now_ts(),
     )
-    if _judge.failed(result):
+    if failed(result):
         outcome = work_pb2.Outcome.Name(result.outcome).removeprefix("OUTCOME_")
         detail = f": {result.error_message[:500]}" if result.error_message else ""
         review.state = epb.REVIEW_STATE_FAILED
@@ -169,7 +165,7 @@ def _review_of(
     review.overall_score = parsed.overall or 0.0
     if parsed.recommendation is not None:
         review.recommendation = int(parsed.recommendation)  # type: ignore[assignment]
-    review.findings.extend(_judge.finding_message(f) for f in parsed.findings)
+    review.findings.extend(finding_message(f) for f in parsed.findings)
     review.suggestions.extend(parsed.suggestions)
     review.summary = parsed.summary
     review.ranking.extend(parsed.ranking)
@@ -195,7 +191,7 @@ def parsed_of(review: epb.Review) -> ParsedReview:
 
 
 async def _take_review(db: AsyncEngine, result: ipb.SubmittedResult, review_id: str) -> None:
-    task_id = _judge.task_id_of(result.task)
+    task_id = task_id_of(result.task)
     async with db.begin() as conn:
         await store.get_task(conn, task_id, lock=True)
         if not await store.claim_result(conn, result.result_id):
@@ -210,7 +206,7 @@ async def _take_review(db: AsyncEngine, result: ipb.SubmittedResult, review_id: 
         )  # fmt: skip
         verdicts: list[vpb.Verdict] = []
         if fresh:
-            answer = _judge.new_verdict(result.task, result.subtask, result.attempt, result.result_id, "")
+            answer = new_verdict(result.task, result.subtask, result.attempt, result.result_id, "")
             if review.state == epb.REVIEW_STATE_VALID:
                 answer.accept.SetInParent()
             else:
@@ -261,31 +257,31 @@ async def _complete(conn: AsyncConnection, wait: review_store.Wait, reviews: lis
     """Combine the static measures with the reviews and decide the reviewed result (its verdicts)."""
     stored = await store.result_body(conn, wait.result_id)
     result = ipb.SubmittedResult.FromString(stored) if stored else ipb.SubmittedResult()
-    policy = await _judge.effective_policy(conn, wait.task_id)
-    rules = _policy.rules_of(policy)
+    policy = await effective_policy(conn, wait.task_id)
+    rules = policies.rules_of(policy)
     valid = [(r.name, parsed_of(r)) for r in reviews if r.state == epb.REVIEW_STATE_VALID]
-    card = combine([*wait.measures, *measures_of(valid)], _policy.weights_of(policy))
+    card = combine([*wait.measures, *measures_of(valid)], policies.weights_of(policy))
     card.broken = wait.broken
     votes = [p.recommendation for _, p in valid if p.recommendation is not None]
     decision = decide_reviewed(card.overall, result.correction_cycle, rules, votes)
     decision = with_frequency(decision, rules, result.task_subtasks_succeeded, result.task_subtasks_total)
-    evaluation = _judge.evaluation_message(wait.evaluation_id, result, card, decision, policy)
+    evaluation = evaluation_message(wait.evaluation_id, result, card, decision, policy)
     evaluation.reviews.extend(r.name for r in reviews)
     earlier = await store.get_evaluation(conn, wait.evaluation_id)
     if earlier is not None:
         evaluation.create_time.CopyFrom(epb.Evaluation.FromString(earlier).create_time)
-    verdicts = _judge.Judge._verdicts_for(result, evaluation, card, decision)
+    verdicts = verdicts_for(result, evaluation, card, decision)
     main = verdicts[0]
     if decision.verdict == Verdict.CORRECT:
         main.correct.feedback.extend(_reviewer_feedback(reviews))
-        main.correct.instructions = _judge.instructions_of(decision.reason, main.correct.feedback)
+        main.correct.instructions = instructions_of(decision.reason, main.correct.feedback)
         main.correct.correction_cycle = await store.bump_corrections(
-            conn, wait.task_id, _judge.root_of(result), [fb.SerializeToString() for fb in main.correct.feedback]
+            conn, wait.task_id, root_of(result), [fb.SerializeToString() for fb in main.correct.feedback]
         )
     elif decision.verdict == Verdict.ESCALATE:
-        cp, _ = await _judge.open_or_join_checkpoint(
+        cp, _ = await open_or_join_checkpoint(
             conn, result.task, result.subtask, int(decision.trigger or Trigger.ESCALATION), decision.reason,
-            _judge.progress_at(result, decision, rules),
+            progress_at(result, decision, rules),
         )  # fmt: skip
         main.pause.checkpoint = cp.name
     body = evaluation.SerializeToString()

@@ -13,17 +13,12 @@ from services.runtime import invalid_argument
 from services.runtime.errors import not_found
 
 from . import review_store
-from .api import Ctx, _filter, _name_id, _page, _token
-from .judge import task_id_of
+from .api_common import Ctx, check_order, enum_filter, enum_words, name_id, next_token, page_of, parse_filter
+from .verdict_context import task_id_of
 from .voting_api import VotingReads
 
-_STATES = {
-    "PENDING": epb.REVIEW_STATE_PENDING,
-    "VALID": epb.REVIEW_STATE_VALID,
-    "MALFORMED": epb.REVIEW_STATE_MALFORMED,
-    "FAILED": epb.REVIEW_STATE_FAILED,
-}
-_RECOMMENDATIONS = {"ACCEPT": epb.VERDICT_ACCEPT, "CORRECT": epb.VERDICT_CORRECT}
+_STATES = enum_words(epb.ReviewState, "REVIEW_STATE_")
+_RECOMMENDATIONS = {w: n for w, n in enum_words(epb.Verdict, "VERDICT_").items() if w in ("ACCEPT", "CORRECT")}
 _FIELDS = {
     "task": "task_id",
     "subtask": "subtask",
@@ -37,15 +32,11 @@ _FIELDS = {
 
 def review_filter(text: str) -> dict[str, Any]:
     """ListReviews' AIP-160 subset (`a = "x" AND b = Y`) as {column: value}; anything else is INVALID_ARGUMENT."""
-    where = _filter(text, _FIELDS)
+    where = parse_filter(text, _FIELDS)
     if "task_id" in where:
         where["task_id"] = task_id_of(where["task_id"])
     for column, words in (("state", _STATES), ("recommendation", _RECOMMENDATIONS)):
-        if column in where:
-            word = str(where[column]).upper().removeprefix("REVIEW_STATE_").removeprefix("VERDICT_")
-            if word not in words:
-                raise invalid_argument([("filter", f"{column} is one of {', '.join(words)}")])
-            where[column] = int(words[word])
+        enum_filter(where, column, words, "REVIEW_STATE_", "VERDICT_")
     if "attempt" in where:
         if not str(where["attempt"]).isdigit():
             raise invalid_argument([("filter", "attempt is a whole number")])
@@ -59,7 +50,7 @@ class ReviewReads:
     db: AsyncEngine
 
     async def GetReview(self, request: rvpb.GetReviewRequest, context: Ctx) -> rvpb.GetReviewResponse:
-        ident = _name_id(request.name, "reviews/")
+        ident = name_id(request.name, "reviews/")
         async with self.db.connect() as conn:
             body = await review_store.get_review(conn, ident)
         if body is None:
@@ -68,13 +59,12 @@ class ReviewReads:
 
     async def ListReviews(self, request: rvpb.ListReviewsRequest, context: Ctx) -> rvpb.ListReviewsResponse:
         where = review_filter(request.filter)
-        if request.order_by.strip() not in ("", "create_time"):
-            raise invalid_argument([("order_by", "supported: create_time (oldest first)")])
-        size, after = _page(request.page_size, request.page_token)
+        check_order(request.order_by, "create_time", "create_time (oldest first)")
+        size, after = page_of(request.page_size, request.page_token)
         async with self.db.connect() as conn:
             rows = await review_store.list_reviews(conn, where, after, size)
         return rvpb.ListReviewsResponse(
-            reviews=[epb.Review.FromString(r[0]) for r in rows], next_page_token=_token(rows, size)
+            reviews=[epb.Review.FromString(r.body) for r in rows], next_page_token=next_token(rows, size)
         )
 
 

@@ -1,5 +1,4 @@
-"""PostgreSQL access for peer review (evaluator schema, migration 0004): evaluations waiting for their
-reviews (``review_waits``, with the static scorers' measures kept to combine later) and the reviews."""
+"""PostgreSQL access for peer review (migration 0004): evaluations waiting for their reviews, and the reviews."""
 
 from __future__ import annotations
 
@@ -120,7 +119,10 @@ async def wait_for(conn: AsyncConnection, task_id: str, subtask: str, attempt: i
     ).first()
     if row is None:
         return None
-    return Wait(row[0], row[1], row[2], row[3], row[4], row[5], _measures(row[6]), list(row[7]), bool(row[8]))
+    return Wait(
+        row.evaluation_id, row.task_id, row.subtask, row.attempt, row.result_id, row.expected, _measures(row.measures),
+        list(row.broken), bool(row.done),
+    )  # fmt: skip
 
 
 async def finish_wait(conn: AsyncConnection, evaluation_id: str) -> None:
@@ -171,7 +173,7 @@ async def reviews_of(conn: AsyncConnection, evaluation_id: str) -> list[bytes]:
     rows = await conn.execute(
         text("SELECT body FROM reviews WHERE evaluation_id = :e ORDER BY create_time, id"), {"e": evaluation_id}
     )
-    return [bytes(r[0]) for r in rows]
+    return [bytes(r.body) for r in rows]
 
 
 async def reviews_of_attempt(conn: AsyncConnection, task_id: str, subtask: str, attempt: int) -> list[bytes]:
@@ -180,21 +182,21 @@ async def reviews_of_attempt(conn: AsyncConnection, task_id: str, subtask: str, 
         text("SELECT body FROM reviews WHERE task_id = :t AND subtask = :s AND attempt = :a ORDER BY create_time, id"),
         {"t": task_id, "s": subtask, "a": attempt},
     )
-    return [bytes(r[0]) for r in rows]
+    return [bytes(r.body) for r in rows]
 
 
 async def get_review(conn: AsyncConnection, review_id: str) -> bytes | None:
     """A review's body."""
     row = (await conn.execute(text("SELECT body FROM reviews WHERE id = :i"), {"i": review_id})).first()
-    return bytes(row[0]) if row else None
+    return bytes(row.body) if row else None
 
 
 async def list_reviews(
     conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
-) -> list[tuple[bytes, datetime, str]]:
+) -> list[store.PageRow]:
     """A page of reviews, oldest first; ``where`` maps a column (task_id, subtask, attempt, review_subtask,
     reviewer, state, recommendation) to its value."""
-    return await store._page(conn, "reviews", where, after, limit)
+    return await store.page(conn, "reviews", where, after, limit)
 
 
 async def update_evaluation(conn: AsyncConnection, evaluation_id: str, verdict: int, body: bytes) -> None:

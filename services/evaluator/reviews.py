@@ -1,21 +1,4 @@
-"""Peer reviews, pure: parse a reviewer's output, turn valid reviews into measures, and count their votes.
-
-A reviewer (a REVIEW subtask run by another agent/tool) answers with one JSON object, alone or in a
-```json fenced block; the last review-shaped object in the output wins (an object with `scores`,
-`recommendation` or `ranking`)::
-
-    {"scores": {"code_quality": 0-10, "completeness": 0-10, "security": 0-10, "architecture": 0-10,
-                "testability": 0-10},
-     "recommendation": "ACCEPT" | "CORRECT",
-     "summary": "...", "suggestions": ["..."],
-     "findings": [{"path": "a.py", "line": 3, "severity": "LOW|MEDIUM|HIGH|CRITICAL", "message": "..."}],
-     "ranking": ["B", "A", "C"]}
-
-`scores` needs at least one dimension and every score is a number 0–10 (a bool is not a number);
-`overall` may be given, else it is the mean of the given scores. A reviewer comparing solutions (labels
-A, B, C…) gives `ranking` (every label exactly once) and may omit `scores` and `recommendation`.
-Anything else is malformed, with a precise reason (:class:`ReviewError`), and counts for nothing.
-"""
+"""Peer reviews, pure: parse a reviewer's output, turn valid reviews into measures, and count their votes."""
 
 from __future__ import annotations
 

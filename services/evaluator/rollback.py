@@ -1,37 +1,17 @@
-"""Rolling a task back to a checkpoint: the evaluator's half (CheckpointService.PreviewRollback and
-RollbackToCheckpoint).
-
-The scheduler knows the subtasks' states and the mark it recorded when it first paused the task at the
-checkpoint, so it plans what resets (VerdictService.GetRollbackPlan, read only). The evaluator adds what it knows:
-the checkpoints opened after this one (closed: CANCELLED if still OPEN, kept in history if decided; this one too
-while it is OPEN) and the evaluations of the reset subtasks made since it opened (superseded). The preview's
-etag hashes the checkpoint's etag with the plan's version, so any change of the checkpoint or of the task's
-subtasks changes it.
-
-The rollback itself, in one transaction: close those checkpoints, stamp this one's ``rollback_time`` (new etag,
-``completed_subtasks`` = what the mark keeps), reset the correction cycles of the reset subtasks (their history
-stays), drop their results still waiting to be judged, remember the attempts they are at (``superseded_attempts``:
-a result of such an attempt that the scheduler commits before it applies the verdict is never judged), and put
-the Rollback verdict (with the reset subtasks listed) and a ``checkpoint.rolled_back`` activity entry in the
-outbox. The scheduler applies the verdict (services/scheduler/rollback.py). A retry with the same request id
-returns the first answer.
-"""
+"""Rolling a task back to a checkpoint: the evaluator's half of PreviewRollback and RollbackToCheckpoint."""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 from maw.evaluator.v1 import checkpoint_service_pb2 as cpb
 from maw.evaluator.v1 import resources_pb2 as epb
-from maw.registry.v1 import activity_intake_service_pb2 as aipb
 from maw.scheduler.v1 import resources_pb2 as spb
 from maw.scheduler.v1 import verdict_service_pb2 as vpb
 from maw.scheduler.v1 import verdict_service_pb2_grpc as vpb_grpc
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runtime import invalid_argument, replay
@@ -39,12 +19,12 @@ from services.runtime.errors import MawError, failed_precondition, not_found, un
 from services.runtime.internal import internal_channel
 
 from . import store, voting
-from .judge import new_verdict, now_ts, task_id_of
+from .activity import checkpoint_activity
 from .settings import EvaluatorSettings
+from .verdict_context import new_verdict, now_ts, task_id_of
 
 METHOD = "RollbackToCheckpoint"
 _CANCELLED = (spb.TASK_STATE_CANCELLING, spb.TASK_STATE_CANCELLED)
-Activity = Callable[..., aipb.ActivityRecord]
 
 
 async def plan_of(settings: EvaluatorSettings, cp: epb.Checkpoint) -> vpb.GetRollbackPlanResponse:
@@ -71,39 +51,20 @@ def etag_of(cp: epb.Checkpoint, plan: vpb.GetRollbackPlanResponse) -> str:
     return hashlib.sha256(f"{cp.etag}|{plan.version}".encode()).hexdigest()[:20]
 
 
-async def _later(conn: AsyncConnection, ident: str, cp: epb.Checkpoint, lock: bool) -> list[tuple[str, bytes]]:
-    """(id, body) of the task's checkpoints opened after ``cp``, oldest first."""
-    rows = await conn.execute(
-        text(
-            "SELECT id, body FROM checkpoints WHERE task_id = :t AND id <> :i"
-            " AND create_time > (SELECT create_time FROM checkpoints WHERE id = :i) ORDER BY create_time, id"
-            + (" FOR UPDATE" if lock else "")
-        ),
-        {"t": task_id_of(cp.task), "i": ident},
-    )
-    return [(str(r[0]), bytes(r[1])) for r in rows]
-
-
 async def effect_of(
     conn: AsyncConnection, ident: str, cp: epb.Checkpoint, plan: vpb.GetRollbackPlanResponse, lock: bool = False
-) -> tuple[cpb.RollbackEffect, list[tuple[str, bytes]]]:
+) -> tuple[cpb.RollbackEffect, list[store.CheckpointRow]]:
     """What the rollback changes, and the later checkpoints' rows (for closing them)."""
-    later = await _later(conn, ident, cp, lock)
+    later = await store.checkpoints_after(conn, task_id_of(cp.task), ident, lock)
     closed = ([cp.name] if cp.state == epb.CHECKPOINT_STATE_OPEN else []) + [
-        epb.Checkpoint.FromString(body).name for _, body in later
+        epb.Checkpoint.FromString(row.body).name for row in later
     ]
-    superseded = await conn.execute(
-        text(
-            "SELECT id FROM evaluations WHERE task_id = :t AND root = ANY(:r)"
-            " AND create_time >= (SELECT create_time FROM checkpoints WHERE id = :i) ORDER BY create_time, id"
-        ),
-        {"t": task_id_of(cp.task), "r": list(plan.reset_subtasks), "i": ident},
-    )
+    superseded = await store.evaluations_since(conn, task_id_of(cp.task), plan.reset_subtasks, ident)
     effect = cpb.RollbackEffect(
         reset_subtasks=plan.reset_subtasks,
         cancelled_subtasks=plan.cancelled_subtasks,
         closed_checkpoints=closed,
-        superseded_evaluations=[f"evaluations/{r[0]}" for r in superseded],
+        superseded_evaluations=[f"evaluations/{i}" for i in superseded],
         progress_percent=plan.progress_percent,
         excused_subtasks=plan.excused_subtasks,
     )
@@ -127,9 +88,9 @@ async def preview(
 
 async def roll_back(
     db: AsyncEngine, settings: EvaluatorSettings, ident: str, request: cpb.RollbackToCheckpointRequest,
-    caller: str, activity: Activity,
+    caller: str,
 ) -> cpb.RollbackToCheckpointResponse:  # fmt: skip
-    """CheckpointService.RollbackToCheckpoint (``activity`` makes the activity record, as for decisions)."""
+    """CheckpointService.RollbackToCheckpoint."""
     problems = []
     if len(request.comment) > 2000:
         problems.append(("comment", "at most 2000 characters"))
@@ -155,11 +116,11 @@ async def roll_back(
             raise MawError(grpc.StatusCode.ABORTED, "the checkpoint or its task changed since the preview (etag)")
         effect, later = await effect_of(conn, ident, cp, plan, lock=True)
         now = now_ts()
-        for other_id, other_body in later:
-            other = epb.Checkpoint.FromString(other_body)
+        for row in later:
+            other = epb.Checkpoint.FromString(row.body)
             if other.state == epb.CHECKPOINT_STATE_OPEN:
                 _close(other, now)
-                await store.update_checkpoint(conn, other_id, other.state, other.SerializeToString())
+                await store.update_checkpoint(conn, row.id, other.state, other.SerializeToString())
         if cp.state == epb.CHECKPOINT_STATE_OPEN:
             _close(cp, now)
         cp.rollback_time.CopyFrom(now)
@@ -172,7 +133,7 @@ async def roll_back(
         verdict.rollback.checkpoint = cp.name
         verdict.rollback.reset_subtasks.extend(plan.reset_subtasks)
         await store.enqueue(conn, store.VERDICTS, [(task_id, verdict.SerializeToString())])
-        record = activity(cp, caller, "rolled_back", now, request.comment)
+        record = checkpoint_activity(cp, caller, "rolled_back", now, request.comment)
         record.entry_id = f"evaluator-rollback-{ident}-{uuid.uuid4().hex[:12]}"
         resets = len(plan.reset_subtasks)
         record.entry.summary = (f"{caller} rolled {cp.task} back to {cp.name} ({resets} subtasks reset)"
@@ -192,13 +153,8 @@ def _close(cp: epb.Checkpoint, when: Any) -> None:
 async def _forget(conn: AsyncConnection, task_id: str, reset: list[str], excused: list[str]) -> None:
     """Correction cycles of reset subtasks start again (their feedback stays, as history); their results and
     those of the cancelled extras that wait to be judged are dropped (the scheduler would find them STALE)."""
-    await conn.execute(
-        text("UPDATE corrections SET cycles = 0 WHERE task_id = :t AND root = ANY(:r)"), {"t": task_id, "r": reset}
-    )
-    await conn.execute(
-        text("UPDATE results SET done = true WHERE task_id = :t AND subtask = ANY(:s) AND NOT done"),
-        {"t": task_id, "s": reset + excused},
-    )
+    await store.reset_corrections(conn, task_id, reset)
+    await store.drop_pending(conn, task_id, reset + excused)
     await voting.forget_rounds(conn, task_id, reset)  # the reset solutions vote again, in a new round
 
 

@@ -1,11 +1,4 @@
-"""Combining scorers' measures into an honest scorecard (pure; the scorers themselves may run tools).
-
-- A dimension's score is the lowest score any scorer gave it (a dimension is as good as its worst
-  measured evidence); its evidence is every finding of every scorer that measured it.
-- Dimensions no scorer measured are left out of the overall score, never counted as perfect; the
-  weights of the measured ones are normalised to sum to 1.
-- Overall is rounded to 0.1; grades: excellent ≥ 9, good ≥ 7, acceptable ≥ 5, poor ≥ 3, fail < 3.
-"""
+"""Combining scorers' measures into an honest scorecard (pure; the scorers themselves may run tools)."""
 
 from __future__ import annotations
 
@@ -13,6 +6,8 @@ import enum
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from maw.evaluator.v1 import resources_pb2 as epb
 
 from .scorers import Dimension, Finding, Measure, Scorer, Severity, Work
 
@@ -22,12 +17,12 @@ _log = logging.getLogger("maw.evaluator.scoring")
 class Grade(enum.IntEnum):
     """Grade of an overall score (values equal maw.evaluator.v1.Grade)."""
 
-    UNSPECIFIED = 0
-    EXCELLENT = 1
-    GOOD = 2
-    ACCEPTABLE = 3
-    POOR = 4
-    FAIL = 5
+    UNSPECIFIED = epb.GRADE_UNSPECIFIED
+    EXCELLENT = epb.GRADE_EXCELLENT
+    GOOD = epb.GRADE_GOOD
+    ACCEPTABLE = epb.GRADE_ACCEPTABLE
+    POOR = epb.GRADE_POOR
+    FAIL = epb.GRADE_FAIL
 
 
 def grade_of(score: float | None) -> Grade:

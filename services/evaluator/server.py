@@ -7,8 +7,11 @@ from pathlib import Path
 
 from services.runtime import Resources, ServiceDefinition
 
-from .api import CheckpointService, EvaluationIntakeService, EvaluationService, PolicyService
+from .checkpoint_api import CheckpointService
+from .evaluation_api import EvaluationService
+from .intake_api import EvaluationIntakeService
 from .judge import Judge
+from .policy_api import PolicyService
 from .review_api import ReviewService
 from .settings import EvaluatorSettings
 

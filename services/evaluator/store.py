@@ -4,24 +4,70 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from maw.evaluator.v1 import resources_pb2 as epb
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 VERDICTS, ACTIVITY = 1, 2  # outbox targets: the scheduler's VerdictService, the registry's activity log
-OPEN = 1  # CheckpointState.OPEN
+OPEN = epb.CHECKPOINT_STATE_OPEN
+
+
+class PolicyRow(NamedTuple):
+    """A stored policy."""
+
+    body: bytes
+    etag: str
+    update_time: datetime
+
+
+class TaskRow(NamedTuple):
+    """A registered task: its RegisterTaskRequest bytes and whether it finished."""
+
+    body: bytes
+    finished: bool
+
+
+class PendingResult(NamedTuple):
+    """A submitted result not yet judged."""
+
+    result_id: str
+    task_id: str
+    evaluation_id: str
+    body: bytes
+
+
+class CheckpointRow(NamedTuple):
+    """A checkpoint's id and body."""
+
+    id: str
+    body: bytes
+
+
+class OutboxItem(NamedTuple):
+    """One message waiting in the outbox."""
+
+    id: int
+    body: bytes
+
+
+class PageRow(NamedTuple):
+    """One row of a listed page: the resource's body and its keyset position."""
+
+    body: bytes
+    create_time: datetime
+    id: str
 
 
 # -- policies and tasks ----------------------------------------------------------------------------------
 
 
-async def get_policy(conn: AsyncConnection, name: str, lock: bool = False) -> tuple[bytes, str, datetime] | None:
-    """(body, etag, update time) of a stored policy."""
+async def get_policy(conn: AsyncConnection, name: str, lock: bool = False) -> PolicyRow | None:
+    """A stored policy."""
     sql = "SELECT body, etag, update_time FROM policies WHERE name = :n" + (" FOR UPDATE" if lock else "")
     row = (await conn.execute(text(sql), {"n": name})).first()
-    return (bytes(row[0]), row[1], row[2]) if row else None
+    return PolicyRow(bytes(row.body), row.etag, row.update_time) if row else None
 
 
 async def put_policy(conn: AsyncConnection, name: str, body: bytes, etag: str) -> None:
@@ -44,11 +90,11 @@ async def insert_task(conn: AsyncConnection, task_id: str, body: bytes) -> bool:
     return row.first() is not None
 
 
-async def get_task(conn: AsyncConnection, task_id: str, lock: bool = False) -> tuple[bytes, bool] | None:
-    """(RegisterTaskRequest bytes, finished) of a registered task; ``lock`` serialises decisions on it."""
+async def get_task(conn: AsyncConnection, task_id: str, lock: bool = False) -> TaskRow | None:
+    """A registered task; ``lock`` serialises decisions on it."""
     sql = "SELECT body, finished FROM tasks WHERE id = :i" + (" FOR UPDATE" if lock else "")
     row = (await conn.execute(text(sql), {"i": task_id})).first()
-    return (bytes(row[0]), bool(row[1])) if row else None
+    return TaskRow(bytes(row.body), bool(row.finished)) if row else None
 
 
 async def finish_task(conn: AsyncConnection, task_id: str, finished: bool) -> None:
@@ -70,7 +116,7 @@ async def budgets_due(conn: AsyncConnection, limit: int) -> list[str]:
         ),
         {"l": limit},
     )
-    return [str(r[0]) for r in rows]
+    return [str(r.id) for r in rows]
 
 
 async def mark_budget_fired(conn: AsyncConnection, task_id: str) -> None:
@@ -93,24 +139,24 @@ async def insert_result(
         {"r": result_id, "t": task_id, "s": subtask, "e": evaluation_id, "b": body},
     )
     found = row.first()
-    return str(found[0]) if found else None
+    return str(found.evaluation_id) if found else None
 
 
 async def evaluation_of_result(conn: AsyncConnection, result_id: str) -> str | None:
     """The evaluation id an earlier submission of ``result_id`` got."""
     row = (await conn.execute(text("SELECT evaluation_id FROM results WHERE result_id = :r"), {"r": result_id})).first()
-    return str(row[0]) if row else None
+    return str(row.evaluation_id) if row else None
 
 
-async def pending_results(conn: AsyncConnection, limit: int) -> list[tuple[str, str, str, bytes]]:
-    """(result id, task id, evaluation id, body) of results not yet judged, oldest first."""
+async def pending_results(conn: AsyncConnection, limit: int) -> list[PendingResult]:
+    """Results not yet judged, oldest first."""
     rows = await conn.execute(
         text(
             "SELECT result_id, task_id, evaluation_id, body FROM results WHERE NOT done ORDER BY receive_time LIMIT :l"
         ),
         {"l": limit},
     )
-    return [(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+    return [PendingResult(r.result_id, r.task_id, r.evaluation_id, bytes(r.body)) for r in rows]
 
 
 async def claim_result(conn: AsyncConnection, result_id: str) -> bool:
@@ -124,7 +170,7 @@ async def claim_result(conn: AsyncConnection, result_id: str) -> bool:
 async def result_body(conn: AsyncConnection, result_id: str) -> bytes | None:
     """The stored SubmittedResult of ``result_id``."""
     row = (await conn.execute(text("SELECT body FROM results WHERE result_id = :r"), {"r": result_id})).first()
-    return bytes(row[0]) if row else None
+    return bytes(row.body) if row else None
 
 
 async def mark_done(conn: AsyncConnection, result_id: str) -> None:
@@ -145,12 +191,12 @@ async def insert_evaluation(
 async def get_evaluation(conn: AsyncConnection, evaluation_id: str) -> bytes | None:
     """An evaluation's body."""
     row = (await conn.execute(text("SELECT body FROM evaluations WHERE id = :i"), {"i": evaluation_id})).first()
-    return bytes(row[0]) if row else None
+    return bytes(row.body) if row else None
 
 
-async def _page(
+async def page(
     conn: AsyncConnection, table: str, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
-) -> list[tuple[bytes, datetime, str]]:
+) -> list[PageRow]:
     """A keyset page of ``table`` (code-chosen name and columns), oldest first, values always bound."""
     clauses = [f"{column} = :{column}" for column in where]
     params = dict(where)
@@ -162,14 +208,14 @@ async def _page(
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY create_time, id LIMIT :limit"
     rows = await conn.execute(text(sql), {**params, "limit": limit})
-    return [(bytes(r[0]), r[1], r[2]) for r in rows]
+    return [PageRow(bytes(r.body), r.create_time, r.id) for r in rows]
 
 
 async def list_evaluations(
     conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
-) -> list[tuple[bytes, datetime, str]]:
+) -> list[PageRow]:
     """A page of evaluations, oldest first; ``where`` maps a column (task_id, subtask, root) to its value."""
-    return await _page(conn, "evaluations", where, after, limit)
+    return await page(conn, "evaluations", where, after, limit)
 
 
 async def bump_corrections(conn: AsyncConnection, task_id: str, root: str, feedback: Sequence[bytes]) -> int:
@@ -193,7 +239,7 @@ async def corrections_of(conn: AsyncConnection, task_id: str, root: str) -> tupl
             text("SELECT cycles, feedback FROM corrections WHERE task_id = :t AND root = :r"), {"t": task_id, "r": root}
         )
     ).first()
-    return (int(row[0]), [bytes(b) for b in row[1]]) if row else (0, [])
+    return (int(row.cycles), [bytes(b) for b in row.feedback]) if row else (0, [])
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------
@@ -220,10 +266,10 @@ async def get_checkpoint(conn: AsyncConnection, checkpoint_id: str, lock: bool =
     """A checkpoint's body."""
     sql = "SELECT body FROM checkpoints WHERE id = :i" + (" FOR UPDATE" if lock else "")
     row = (await conn.execute(text(sql), {"i": checkpoint_id})).first()
-    return bytes(row[0]) if row else None
+    return bytes(row.body) if row else None
 
 
-async def open_checkpoint_of(conn: AsyncConnection, task_id: str) -> tuple[str, bytes] | None:
+async def open_checkpoint_of(conn: AsyncConnection, task_id: str) -> CheckpointRow | None:
     """The task's OPEN checkpoint, locked, if any."""
     row = (
         await conn.execute(
@@ -234,14 +280,14 @@ async def open_checkpoint_of(conn: AsyncConnection, task_id: str) -> tuple[str, 
             {"t": task_id, "s": OPEN},
         )
     ).first()
-    return (row[0], bytes(row[1])) if row else None
+    return CheckpointRow(row.id, bytes(row.body)) if row else None
 
 
 async def list_checkpoints(
     conn: AsyncConnection, where: dict[str, Any], after: tuple[datetime, str] | None, limit: int
-) -> list[tuple[bytes, datetime, str]]:
+) -> list[PageRow]:
     """A page of checkpoints, oldest first; ``where`` maps a column (state, task_id, assignee, trigger) to its value."""
-    return await _page(conn, "checkpoints", where, after, limit)
+    return await page(conn, "checkpoints", where, after, limit)
 
 
 # -- outbox and request ids -------------------------------------------------------------------------------------
@@ -256,18 +302,23 @@ async def enqueue(conn: AsyncConnection, target: int, items: Sequence[tuple[str,
         )
 
 
-async def outbox_batch(conn: AsyncConnection, target: int, limit: int) -> list[tuple[int, bytes]]:
-    """The oldest (id, body) items for ``target``."""
+async def outbox_batch(conn: AsyncConnection, target: int, limit: int) -> list[OutboxItem]:
+    """The oldest items for ``target``."""
     rows = await conn.execute(
         text("SELECT id, body FROM outbox WHERE target = :g ORDER BY id LIMIT :l"), {"g": target, "l": limit}
     )
-    return [(int(r[0]), bytes(r[1])) for r in rows]
+    return [OutboxItem(int(r.id), bytes(r.body)) for r in rows]
 
 
 async def outbox_done(conn: AsyncConnection, ids: Sequence[int]) -> None:
     """Remove acknowledged items."""
     if ids:
         await conn.execute(text("DELETE FROM outbox WHERE id = ANY(:ids)"), {"ids": list(ids)})
+
+
+async def try_lock(conn: AsyncConnection, key: int) -> bool:
+    """Take the transaction-scoped advisory lock ``key`` if no one holds it (released at commit)."""
+    return bool((await conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key})).scalar())
 
 
 # -- rollback ---------------------------------------------------------------------------------------------------
@@ -295,3 +346,44 @@ async def superseded(conn: AsyncConnection, task_id: str, subtask: str, attempt:
         {"t": task_id, "s": subtask, "a": attempt},
     )
     return row.first() is not None
+
+
+async def checkpoints_after(conn: AsyncConnection, task_id: str, checkpoint_id: str, lock: bool) -> list[CheckpointRow]:
+    """The task's checkpoints opened after ``checkpoint_id``, oldest first (``lock``: FOR UPDATE)."""
+    rows = await conn.execute(
+        text(
+            "SELECT id, body FROM checkpoints WHERE task_id = :t AND id <> :i"
+            " AND create_time > (SELECT create_time FROM checkpoints WHERE id = :i) ORDER BY create_time, id"
+            + (" FOR UPDATE" if lock else "")
+        ),
+        {"t": task_id, "i": checkpoint_id},
+    )
+    return [CheckpointRow(str(r.id), bytes(r.body)) for r in rows]
+
+
+async def evaluations_since(conn: AsyncConnection, task_id: str, roots: Sequence[str], checkpoint_id: str) -> list[str]:
+    """Ids of the evaluations of these correction chains made since ``checkpoint_id`` opened, oldest first."""
+    rows = await conn.execute(
+        text(
+            "SELECT id FROM evaluations WHERE task_id = :t AND root = ANY(:r)"
+            " AND create_time >= (SELECT create_time FROM checkpoints WHERE id = :i) ORDER BY create_time, id"
+        ),
+        {"t": task_id, "r": list(roots), "i": checkpoint_id},
+    )
+    return [str(r.id) for r in rows]
+
+
+async def reset_corrections(conn: AsyncConnection, task_id: str, roots: Sequence[str]) -> None:
+    """The correction cycles of these chains start again (their feedback stays, as history)."""
+    await conn.execute(
+        text("UPDATE corrections SET cycles = 0 WHERE task_id = :t AND root = ANY(:r)"),
+        {"t": task_id, "r": list(roots)},
+    )
+
+
+async def drop_pending(conn: AsyncConnection, task_id: str, subtasks: Sequence[str]) -> None:
+    """Results of these subtasks still waiting to be judged are not judged."""
+    await conn.execute(
+        text("UPDATE results SET done = true WHERE task_id = :t AND subtask = ANY(:s) AND NOT done"),
+        {"t": task_id, "s": list(subtasks)},
+    )

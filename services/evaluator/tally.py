@@ -1,19 +1,4 @@
-"""Counting a voting round: which competing solution continues (pure).
-
-Each solution has its evaluation score (None when no scorer could measure it) and whether it is usable (its
-subtask succeeded). Reviewers rank the usable solutions (best first); a ranking that does not name every
-compared solution exactly once is not a valid vote and counts for nothing.
-
-- MAJORITY: each valid ranking's first choice is one vote; most votes wins; equal votes are broken by the
-  evaluation score.
-- WEIGHTED (the default): Borda points, (n − rank) from each valid ranking over the n compared solutions, every
-  reviewer weighted equally, plus the solution's normalised score (score / 10, 0–1); equal totals are broken by
-  the evaluation score, then by first-choice votes.
-- With no valid vote (no reviewers, or none usable) both methods rank by score alone.
-
-A measured score beats an unmeasured one. Failed solutions rank last and never win. When the best two cannot be
-told apart by these rules, or no solution is usable, the round is TIED and a person decides.
-"""
+"""Counting a voting round: which competing solution continues (pure)."""
 
 from __future__ import annotations
 
@@ -21,12 +6,14 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from maw.evaluator.v1 import resources_pb2 as epb
+
 
 class Method(enum.IntEnum):
     """How votes combine (values equal maw.evaluator.v1.VoteMethod)."""
 
-    MAJORITY = 1
-    WEIGHTED = 2
+    MAJORITY = epb.VOTE_METHOD_MAJORITY
+    WEIGHTED = epb.VOTE_METHOD_WEIGHTED
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,4 @@
-"""Voting rounds in the judgement loop: collect competing solutions, count the vote, let the best one continue.
-
-- A result with ``solution_of`` is one solution of the round for (task, logical subtask), created with the first
-  solution. It is scored by the static scorers like any result, but its evaluation stays RUNNING with no verdict;
-  a failed solution (its subtask failed for good) is recorded unscored and cannot win.
-- When all N solutions are in: with ``voting.reviewers`` K > 0 and at least two usable solutions, a
-  RequestReviews verdict on the logical subtask asks for K REVIEW subtasks that rank the solutions, labelled
-  A, B, C… in ``compare_subtasks`` order (state VOTING); each review comes back through the peer-review path
-  (:func:`review_arrived`) and when all K are in (valid or not) the vote is counted. With K = 0 the solutions
-  are ranked by score alone. The count itself is tally.py.
-- DECIDED: a SelectSolution verdict (winner, the others not selected), then the usual decision on the winner's
-  score (accept, correct, or a LOW_SCORE / ESCALATION checkpoint), addressed to the logical subtask's next
-  attempt: the scheduler copies the winner's result into attempt + 1 of the logical subtask when an
-  alternative won. That decision is stored as a new evaluation of the logical subtask, so checkpoints and
-  corrections work on it as on any result.
-- TIED (the rules cannot break a tie, or no solution is usable): an ESCALATION checkpoint with ``voting_round``
-  set holds the logical subtask. DecideCheckpoint with ``selected_solution`` picks that solution (OVERRIDDEN);
-  APPROVE or CORRECT without one picks the best by score (the first in solution order on equal scores; DECIDED).
-
-Every step runs in the caller's transaction with the task row locked, so a crash repeats a step at worst.
-"""
+"""Voting rounds in the judgement loop: collect competing solutions, count the vote, let the best one continue."""
 
 from __future__ import annotations
 
@@ -34,78 +14,38 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.runtime import invalid_argument
 
-from . import _policy, store, voting_store
-from . import judge as _judge
+from . import policies, store, voting_store
 from .judgement import Decision, Trigger, Verdict, decide, with_frequency
-from .reviews import RANKING_FORMAT
-from .scorers import Dimension, Finding, Severity
-from .scoring import DimensionResult, Scorecard, grade_of
+from .scoring import Scorecard
 from .tally import Entry, Method, tally
+from .verdict_context import (
+    effective_policy,
+    evaluation_message,
+    failed,
+    new_verdict,
+    now_ts,
+    open_or_join_checkpoint,
+    progress_at,
+    root_of,
+    task_id_of,
+    verdicts_for,
+)
+from .voting_rules import (
+    COLLECTING,
+    DECIDED,
+    LABELS,
+    OVERRIDDEN,
+    TIED,
+    VOTING,
+    card_of,
+    expected_solutions,
+    key_of,
+    method_of,
+    ordinal_of,
+    ranking_instructions,
+)
 
-COLLECTING, VOTING, DECIDED = epb.VOTING_STATE_COLLECTING, epb.VOTING_STATE_VOTING, epb.VOTING_STATE_DECIDED
-TIED, OVERRIDDEN = epb.VOTING_STATE_TIED, epb.VOTING_STATE_OVERRIDDEN
-_ALT = re.compile(r"-alt-(\d+)$")
 _SOLUTION = re.compile(r"^votingRounds/([A-Za-z0-9_-]{1,128})/solutions/([a-z0-9_-]{1,63})$")
-LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def key_of(name: str) -> str:
-    """`tasks/{task}/subtasks/{subtask}` → subtask key."""
-    return name.rsplit("/", 1)[-1]
-
-
-def ordinal_of(key: str, logical: str) -> int:
-    """0 for the logical subtask, i for its competitor `<key>-alt-<i>` (scheduler/voting.py names them)."""
-    if key == logical:
-        return 0
-    match = _ALT.search(key)
-    return int(match.group(1)) if match else 0
-
-
-def expected_solutions(registration: ipb.RegisterTaskRequest | None, logical: str, fallback: int) -> int:
-    """How many solutions compete for ``logical``: the logical subtask and its `-alt-<i>` competitors as
-    decomposed (the scheduler fixed them at creation), else the policy's number."""
-    if registration is None:
-        return fallback
-    keys = {s.key for s in registration.subtasks}
-    count = 1
-    while alt_key(logical, count) in keys:
-        count += 1
-    return count if count > 1 else fallback
-
-
-def alt_key(key: str, i: int) -> str:
-    """The key of the ``i``-th competitor of ``key`` (as scheduler/voting.py names it)."""
-    suffix = f"-alt-{i}"
-    return key[: 63 - len(suffix)] + suffix
-
-
-def method_of(policy: epb.Policy) -> Method:
-    """The policy's vote method (WEIGHTED when unspecified)."""
-    return Method.MAJORITY if policy.voting.method == epb.VOTE_METHOD_MAJORITY else Method.WEIGHTED
-
-
-def card_of(evaluation: epb.Evaluation) -> Scorecard:
-    """A stored evaluation back as a scorecard (to decide on a winner's score after the vote)."""
-    known = {int(d) for d in Dimension}
-    dims = [
-        DimensionResult(
-            Dimension(d.dimension),
-            d.measured,
-            d.score,
-            d.weight,
-            list(d.scorers),
-            [
-                Finding(f.path, f.line, Severity(f.severity or Severity.MEDIUM), f.message, f.rule, f.scorer)
-                for f in d.evidence
-            ],
-            d.summary,
-        )  # fmt: skip
-        for d in evaluation.dimensions
-        if d.dimension in known
-    ]
-    overall = evaluation.overall_score if evaluation.grade != epb.GRADE_UNSPECIFIED else None
-    return Scorecard(dims, overall, grade_of(overall))
 
 
 # -- collecting ----------------------------------------------------------------------------------------------
@@ -114,7 +54,7 @@ def card_of(evaluation: epb.Evaluation) -> Scorecard:
 async def commit_solution(db: AsyncEngine, result: ipb.SubmittedResult, evaluation_id: str, card: Scorecard) -> bool:
     """Record one solution (and count the vote when it is the last); False when its round is already decided,
     so the caller judges the result as ordinary work (e.g. a logical subtask retried by an operator)."""
-    task_id = _judge.task_id_of(result.task)
+    task_id = task_id_of(result.task)
     async with db.begin() as conn:
         task = await store.get_task(conn, task_id, lock=True)
         found = await voting_store.round_of(conn, task_id, result.solution_of, lock=True)
@@ -122,13 +62,13 @@ async def commit_solution(db: AsyncEngine, result: ipb.SubmittedResult, evaluati
             return False
         if not await store.claim_result(conn, result.result_id):
             return True  # judged meanwhile by another replica
-        policy = await _judge.effective_policy(conn, task_id)
+        policy = await effective_policy(conn, task_id)
         if found is None:
-            registration = ipb.RegisterTaskRequest.FromString(task[0]) if task else None
+            registration = ipb.RegisterTaskRequest.FromString(task.body) if task else None
             round_id = uuid.uuid4().hex[:16]
             body = epb.VotingRound(
                 name=f"votingRounds/{round_id}", task=result.task, subtask=result.solution_of,
-                method=int(method_of(policy)), state=COLLECTING, create_time=_judge.now_ts(),  # type: ignore[arg-type]
+                method=int(method_of(policy)), state=COLLECTING, create_time=now_ts(),  # type: ignore[arg-type]
             )  # fmt: skip
             expected = expected_solutions(registration, key_of(result.solution_of), max(2, policy.voting.solutions))
             await voting_store.insert_round(
@@ -137,17 +77,16 @@ async def commit_solution(db: AsyncEngine, result: ipb.SubmittedResult, evaluati
             found = await voting_store.round_of(conn, task_id, result.solution_of, lock=True)
             assert found is not None
         round_ = epb.VotingRound.FromString(found.body)
-        usable = not _judge.failed(result)
+        usable = not failed(result)
         waiting = Decision(Verdict.ACCEPT, f"solution of {round_.name}; waiting for the vote")
-        evaluation = _judge.evaluation_message(
-            evaluation_id, result, card, waiting, policy, epb.EVALUATION_STATE_RUNNING
-        )
+        evaluation = evaluation_message(evaluation_id, result, card, waiting, policy, epb.EVALUATION_STATE_RUNNING)
         evaluation.verdict = epb.VERDICT_UNSPECIFIED
         evaluation.verdict_reason = waiting.reason if usable else f"{waiting.reason}; this solution failed"
         evaluation.ClearField("complete_time")
         await store.insert_evaluation(
-            conn, evaluation_id, task_id, result.subtask, _judge.root_of(result), 0, evaluation.SerializeToString()
-        )
+            conn, evaluation_id, task_id, result.subtask, root_of(result), evaluation.verdict,
+            evaluation.SerializeToString(),
+        )  # fmt: skip
         key = result.subtask_key or key_of(result.subtask)
         solution = epb.Solution(
             name=f"{round_.name}/solutions/{key}", subtask=result.subtask, attempt=result.attempt,
@@ -175,13 +114,13 @@ async def _advance(conn: AsyncConnection, found: voting_store.Round, policy: epb
     for label, s in zip(LABELS, usable, strict=False):
         s.label = label
         await voting_store.update_solution(conn, found.id, s.id, label, 0, False, s.body)
-    k = min(policy.voting.reviewers, _policy.MAX_REVIEWERS)
+    k = min(policy.voting.reviewers, policies.MAX_REVIEWERS)
     if k <= 0 or len(usable) < 2:
         return await _count(conn, found, solutions, [], policy)
     logical = _logical(solutions)
     task = await store.get_task(conn, found.task_id)
-    description = ipb.RegisterTaskRequest.FromString(task[0]).description if task else ""
-    verdict = _judge.new_verdict(
+    description = ipb.RegisterTaskRequest.FromString(task.body).description if task else ""
+    verdict = new_verdict(
         round_.task, logical.subtask, _attempt(logical), logical.result_id, f"evaluations/{logical.evaluation_id}"
     )
     ask = verdict.request_reviews
@@ -193,25 +132,6 @@ async def _advance(conn: AsyncConnection, found: voting_store.Round, policy: epb
     round_.state = VOTING
     await voting_store.update_round(conn, found.id, VOTING, round_.SerializeToString(), reviewers=k)
     return [verdict]
-
-
-def ranking_instructions(round_: epb.VotingRound, usable: Sequence[voting_store.SolutionRow], task: str) -> str:
-    """What each ranking reviewer is asked (the scheduler adds each solution's change)."""
-    lines = [
-        f"{len(usable)} agents solved the same subtask ({key_of(round_.subtask)}) independently. Compare their"
-        " solutions and rank them, best first. Do not change any file.",
-        "The solutions, by label:",
-        *(f"- {s.label}: {key_of(s.subtask)}" for s in usable),
-    ]
-    if task:
-        lines += ["", "The task:", task[:8000]]
-    lines += [
-        "",
-        "Answer with exactly one JSON object (alone, or in a ```json fenced block) as the LAST thing you print,",
-        'e.g. {"ranking": ["B", "A"], "summary": "why"}.',
-        RANKING_FORMAT,
-    ]
-    return "\n".join(lines)
 
 
 def _logical(solutions: Sequence[voting_store.SolutionRow]) -> voting_store.SolutionRow:
@@ -231,7 +151,7 @@ async def review_arrived(conn: AsyncConnection, review: epb.Review) -> list[vpb.
 
     Runs in the caller's transaction, which holds the task's lock (peer_review takes each review that way).
     """
-    task_id = _judge.task_id_of(review.task)
+    task_id = task_id_of(review.task)
     found = await voting_store.round_of(conn, task_id, review.subtask, lock=True)
     if found is None or found.state != VOTING:
         return []
@@ -248,7 +168,7 @@ async def review_arrived(conn: AsyncConnection, review: epb.Review) -> list[vpb.
     ballots = await voting_store.ballots_of(conn, found.id)
     if len(ballots) < found.reviewers:
         return []
-    policy = await _judge.effective_policy(conn, task_id)
+    policy = await effective_policy(conn, task_id)
     return await _count(conn, found, solutions, ballots, policy)
 
 
@@ -256,14 +176,14 @@ async def _count(
     conn: AsyncConnection,
     found: voting_store.Round,
     solutions: list[voting_store.SolutionRow],
-    ballots: list[tuple[str, str, list[str]]],
+    ballots: list[voting_store.Ballot],
     policy: epb.Policy,
 ) -> list[vpb.Verdict]:
     """Count the vote and record the ranking: DECIDED (select + decide the winner) or TIED (a checkpoint)."""
     round_ = epb.VotingRound.FromString(found.body)
-    method = Method(found.method) if found.method in (1, 2) else Method.WEIGHTED
+    method = Method(found.method) if found.method in {int(m) for m in Method} else Method.WEIGHTED
     entries = [Entry(s.label or s.id, s.score, s.usable) for s in solutions]
-    outcome = tally(entries, [b[2] for b in ballots], method)
+    outcome = tally(entries, [b.ranking for b in ballots], method)
     placed = {p.label: p for p in outcome.placed}
     by_label = {s.label or s.id: s for s in solutions}
     winner = by_label[outcome.winner] if outcome.winner is not None else None
@@ -274,7 +194,9 @@ async def _count(
         n = sum(1 for x in solutions if x.usable)
         for i, rank in sorted(p.votes.items()):
             points = float(n - rank) if method == Method.WEIGHTED else float(rank == 1)
-            body.votes.append(epb.Vote(review=ballots[i][0], reviewer=ballots[i][1], rank=rank, points=points))
+            body.votes.append(
+                epb.Vote(review=ballots[i].review, reviewer=ballots[i].reviewer, rank=rank, points=points)
+            )
         body.total_points, body.rank, body.selected = p.points, p.rank, s is winner
         s.body, s.rank, s.selected = body.SerializeToString(), p.rank, s is winner
         await voting_store.update_solution(conn, found.id, s.id, s.label, p.rank, s is winner, s.body)
@@ -296,15 +218,15 @@ async def _tie(
     """A tie the rules cannot break: a person decides at an ESCALATION checkpoint that holds the logical subtask."""
     result = await _result(conn, logical.result_id)
     why = f"the vote on {key_of(round_.subtask)} tied: {reason}"
-    cp, _ = await _judge.open_or_join_checkpoint(
-        conn, round_.task, round_.subtask, int(Trigger.ESCALATION), why, _judge.progress_at(result)
+    cp, _ = await open_or_join_checkpoint(
+        conn, round_.task, round_.subtask, int(Trigger.ESCALATION), why, progress_at(result)
     )
     if not cp.voting_round:
         cp.voting_round = round_.name
         await store.update_checkpoint(conn, cp.name.removeprefix("checkpoints/"), cp.state, cp.SerializeToString())
     round_.state, round_.checkpoint = TIED, cp.name
     await voting_store.update_round(conn, found.id, TIED, round_.SerializeToString())
-    verdict = _judge.new_verdict(
+    verdict = new_verdict(
         round_.task, round_.subtask, _attempt(logical), logical.result_id, f"evaluations/{logical.evaluation_id}"
     )
     verdict.pause.trigger = epb.CHECKPOINT_TRIGGER_ESCALATION
@@ -327,9 +249,9 @@ async def _select(
     logical = _logical(solutions)
     chosen = epb.Solution.FromString(winner.body)
     round_.state, round_.winner, round_.decision_reason = state, chosen.name, reason  # type: ignore[assignment]
-    round_.decide_time.CopyFrom(_judge.now_ts())
+    round_.decide_time.CopyFrom(now_ts())
     await voting_store.update_round(conn, found.id, state, round_.SerializeToString())
-    verdict = _judge.new_verdict(round_.task, round_.subtask, _attempt(logical), logical.result_id, chosen.evaluation)
+    verdict = new_verdict(round_.task, round_.subtask, _attempt(logical), logical.result_id, chosen.evaluation)
     verdict.score = chosen.score
     verdict.select_solution.voting_round = round_.name
     verdict.select_solution.winner = winner.subtask
@@ -363,14 +285,14 @@ async def _decide_winner(
 ) -> list[vpb.Verdict]:
     """The usual decision on the winner's score, for the logical subtask (stored as its new evaluation)."""
     result, card = await _as_logical(conn, round_, logical, winner)
-    rules = _policy.rules_of(policy)
+    rules = policies.rules_of(policy)
     decision = decide(card.overall, 0, rules)
     decision = with_frequency(decision, rules, result.task_subtasks_succeeded, result.task_subtasks_total)
     decision = Decision(decision.verdict, f"{decision.reason} ({key_of(winner.subtask)} won {round_.name})",
                         decision.trigger)  # fmt: skip
     evaluation_id = uuid.uuid4().hex[:20]
-    evaluation = _judge.evaluation_message(evaluation_id, result, card, decision, policy)
-    verdicts = _judge.Judge._verdicts_for(result, evaluation, card, decision)
+    evaluation = evaluation_message(evaluation_id, result, card, decision, policy)
+    verdicts = verdicts_for(result, evaluation, card, decision)
     main = verdicts[0]
     if decision.verdict == Verdict.CORRECT:
         main.correct.correction_cycle = await store.bump_corrections(
@@ -378,9 +300,9 @@ async def _decide_winner(
             [fb.SerializeToString() for fb in main.correct.feedback],
         )  # fmt: skip
     elif decision.verdict == Verdict.ESCALATE:
-        cp, _ = await _judge.open_or_join_checkpoint(
+        cp, _ = await open_or_join_checkpoint(
             conn, round_.task, round_.subtask, int(decision.trigger or Trigger.ESCALATION), decision.reason,
-            _judge.progress_at(result, decision, rules),
+            progress_at(result, decision, rules),
         )  # fmt: skip
         main.pause.checkpoint = cp.name
     await voting_store.insert_evaluation_now(
@@ -409,7 +331,7 @@ async def decide_at_checkpoint(
     without a selection, takes its best solution by score (DECIDED). For APPROVE and CORRECT the winner's result
     is stored as the logical subtask's new evaluation, so the checkpoint's per-subtask verdicts address it.
     """
-    task_id = _judge.task_id_of(cp.task)
+    task_id = task_id_of(cp.task)
     chosen = request.selected_solution
     if chosen and not cp.voting_round:
         raise invalid_argument([("selected_solution", "this checkpoint has no voting round")])
@@ -428,7 +350,7 @@ async def decide_at_checkpoint(
             raise invalid_argument([("selected_solution", f"{cp.voting_round} is not waiting for a choice")])
         picked = match.group(2)
     out: list[vpb.Verdict] = []
-    policy = await _judge.effective_policy(conn, task_id)
+    policy = await effective_policy(conn, task_id)
     everything = await voting_store.solutions_of(conn, [r.id for r in tied])
     for found in tied:
         solutions = [s for s in everything if s.round_id == found.id]
@@ -463,7 +385,7 @@ async def decide_at_checkpoint(
         verdict = Verdict.CORRECT if request.decision == epb.CHECKPOINT_DECISION_CORRECT else Verdict.ACCEPT
         decision = Decision(verdict, reason)
         evaluation_id = uuid.uuid4().hex[:20]
-        evaluation = _judge.evaluation_message(evaluation_id, result, card, decision, policy)
+        evaluation = evaluation_message(evaluation_id, result, card, decision, policy)
         await voting_store.insert_evaluation_now(
             conn, evaluation_id, task_id, round_.subtask, int(verdict), evaluation.SerializeToString()
         )
@@ -492,14 +414,15 @@ async def messages(conn: AsyncConnection, rounds: Sequence[voting_store.Round]) 
 
 
 __all__ = [
-    "card_of",
+    "COLLECTING",
+    "DECIDED",
+    "OVERRIDDEN",
+    "TIED",
+    "VOTING",
     "commit_solution",
     "decide_at_checkpoint",
-    "expected_solutions",
     "forget_rounds",
     "messages",
-    "ordinal_of",
     "review_arrived",
     "round_message",
-    "tally",
 ]

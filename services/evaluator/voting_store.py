@@ -6,7 +6,7 @@ import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -54,13 +54,26 @@ _SOLUTION = (
 )
 
 
+class Ballot(NamedTuple):
+    """One reviewer's ranking in a round."""
+
+    review: str
+    reviewer: str
+    ranking: list[str]
+
+
 def _round(row: Any) -> Round:
-    return Round(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bytes(row[7]), row[8])
+    return Round(
+        row.id, row.task_id, row.subtask, row.state, row.method, row.expected, row.reviewers, bytes(row.body),
+        row.create_time,
+    )  # fmt: skip
 
 
 def _solution(row: Any) -> SolutionRow:
-    r = row
-    return SolutionRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], bytes(r[12]))
+    return SolutionRow(
+        row.round_id, row.id, row.ordinal, row.label, row.subtask, row.worker, row.result_id, row.evaluation_id,
+        row.usable, row.score, row.rank, row.selected, bytes(row.body),
+    )  # fmt: skip
 
 
 async def round_of(conn: AsyncConnection, task_id: str, subtask: str, lock: bool = False) -> Round | None:
@@ -181,13 +194,13 @@ async def add_ballot(conn: AsyncConnection, round_id: str, review: str, reviewer
     return row.first() is not None
 
 
-async def ballots_of(conn: AsyncConnection, round_id: str) -> list[tuple[str, str, list[str]]]:
-    """(review, reviewer, ranking) of a round's ballots, in arrival order."""
+async def ballots_of(conn: AsyncConnection, round_id: str) -> list[Ballot]:
+    """A round's ballots, in arrival order."""
     rows = await conn.execute(
         text("SELECT review, reviewer, ranking FROM voting_ballots WHERE round_id = :r ORDER BY create_time, review"),
         {"r": round_id},
     )
-    return [(r[0], r[1], list(r[2])) for r in rows]
+    return [Ballot(r.review, r.reviewer, list(r.ranking)) for r in rows]
 
 
 async def insert_evaluation_now(
@@ -253,4 +266,4 @@ async def list_solutions(
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY round_time, round_id, position LIMIT :limit"
     rows = await conn.execute(text(sql), {**params, "limit": limit})
-    return [(_solution(r), r[13], r[14]) for r in rows]
+    return [(_solution(r), r.round_time, r.position) for r in rows]

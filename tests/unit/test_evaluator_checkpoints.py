@@ -10,7 +10,7 @@ from maw.evaluator.v1 import resources_pb2 as epb
 from maw.scheduler.v1 import resources_pb2 as spb
 from maw.scheduler.v1 import task_service_pb2 as tpb
 
-from services.evaluator import _policy
+from services.evaluator import policies
 from services.evaluator.judgement import Decision, Frequency, Rules, Trigger, Verdict, milestone, with_frequency
 from services.scheduler.evaluation_link import update_of
 
@@ -51,23 +51,23 @@ def test_only_an_accept_reaching_a_milestone_becomes_a_frequency_checkpoint() ->
 
 
 def test_the_default_policy_does_not_stop_by_frequency_but_a_task_that_asks_for_one_does() -> None:
-    default = _policy.default_policy()
-    assert Trigger.FREQUENCY not in _policy.rules_of(default).triggers
-    asked = _policy.overlay(default, epb.Policy(checkpoint_frequency=work_pb2.CHECKPOINT_FREQUENCY_LOW))
-    rules = _policy.rules_of(asked)
+    default = policies.default_policy()
+    assert Trigger.FREQUENCY not in policies.rules_of(default).triggers
+    asked = policies.overlay(default, epb.Policy(checkpoint_frequency=work_pb2.CHECKPOINT_FREQUENCY_LOW))
+    rules = policies.rules_of(asked)
     assert Trigger.FREQUENCY in rules.triggers and rules.frequency == Frequency.LOW
     assert Trigger.ESCALATION in rules.triggers, "the other default triggers stay"
-    chosen = _policy.overlay(
+    chosen = policies.overlay(
         default,
         epb.Policy(checkpoint_frequency=work_pb2.CHECKPOINT_FREQUENCY_LOW, triggers=[epb.CHECKPOINT_TRIGGER_ERROR]),
     )
-    assert _policy.rules_of(chosen).triggers == {Trigger.ERROR}, "explicit triggers win"
+    assert policies.rules_of(chosen).triggers == {Trigger.ERROR}, "explicit triggers win"
 
 
 def test_bad_frequency_triggers_and_budgets_are_field_violations() -> None:
     bad = epb.Policy(checkpoint_frequency=9, triggers=[epb.CHECKPOINT_TRIGGER_MANUAL, 42])  # type: ignore[arg-type,list-item]
     bad.time_budget.seconds = -1
-    assert [f for f, _ in _policy.problems(bad)] == ["policy.checkpoint_frequency", "policy.triggers[1]",
+    assert [f for f, _ in policies.problems(bad)] == ["policy.checkpoint_frequency", "policy.triggers[1]",
                                                      "policy.time_budget"]  # fmt: skip
 
 

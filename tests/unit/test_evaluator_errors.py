@@ -6,9 +6,9 @@ from maw.common.v1 import work_pb2
 from maw.evaluator.v1 import evaluation_intake_service_pb2 as ipb
 from maw.evaluator.v1 import resources_pb2 as epb
 
-from services.evaluator import _policy
-from services.evaluator.judge import failed, failure_decision
+from services.evaluator import policies
 from services.evaluator.judgement import Trigger, Verdict
+from services.evaluator.verdict_context import failed, failure_decision
 
 FAILURE = ipb.SubmittedResult(
     subtask_key="s0", attempt=3, outcome=work_pb2.OUTCOME_TIMED_OUT, error_message="killed after 600 s"
@@ -17,14 +17,14 @@ FAILURE = ipb.SubmittedResult(
 
 def test_a_failure_is_held_at_an_error_checkpoint_when_the_policy_asks() -> None:
     asked = epb.Policy(triggers=[epb.CHECKPOINT_TRIGGER_ERROR])
-    rules = _policy.rules_of(_policy.overlay(_policy.default_policy(), asked))
+    rules = policies.rules_of(policies.overlay(policies.default_policy(), asked))
     decision = failure_decision(FAILURE, rules)
     assert (decision.verdict, decision.trigger) == (Verdict.ESCALATE, Trigger.ERROR)
     assert decision.reason == "s0 failed (TIMED_OUT) after 3 attempts: killed after 600 s"
 
 
 def test_the_default_policy_has_no_error_trigger_so_a_failure_is_rejected() -> None:
-    rules = _policy.rules_of(_policy.default_policy())
+    rules = policies.rules_of(policies.default_policy())
     assert Trigger.ERROR not in rules.triggers
     assert failure_decision(FAILURE, rules).verdict == Verdict.REJECT
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.evaluator import policies
 from services.evaluator.tally import Entry, Method, tally, valid_ballot
 
 
@@ -120,8 +121,6 @@ def test_a_policy_with_out_of_range_voting_settings_is_refused_field_by_field() 
     from maw.common.v1 import work_pb2
     from maw.evaluator.v1 import resources_pb2 as epb
 
-    from services.evaluator import _policy
-
     bad = epb.Policy(
         voting=epb.VotingPolicy(
             solutions=11,
@@ -130,11 +129,11 @@ def test_a_policy_with_out_of_range_voting_settings_is_refused_field_by_field() 
             subtask_types=[work_pb2.SUBTASK_TYPE_REVIEW],
         )
     )
-    assert [field for field, _ in _policy.problems(bad)] == [
+    assert [field for field, _ in policies.problems(bad)] == [
         "policy.voting.solutions",
         "policy.voting.reviewers",
         "policy.voting.method",
         "policy.voting.subtask_types[0]",
     ]
     fine = epb.Policy(voting=epb.VotingPolicy(solutions=3, reviewers=2, method=epb.VOTE_METHOD_MAJORITY))
-    assert _policy.problems(fine) == []
+    assert policies.problems(fine) == []

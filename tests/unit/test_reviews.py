@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.evaluator import policies
 from services.evaluator.judgement import Rules, Trigger, Verdict
 from services.evaluator.reviews import (
     ParsedReview,
@@ -187,14 +188,12 @@ def test_peer_review_is_off_by_default_and_its_settings_are_validated() -> None:
     from maw.common.v1 import work_pb2
     from maw.evaluator.v1 import resources_pb2 as epb
 
-    from services.evaluator import _policy
-
-    assert _policy.default_policy().peer_review.reviewers == 0
+    assert policies.default_policy().peer_review.reviewers == 0
     bad = epb.Policy(
         peer_review=epb.PeerReviewPolicy(reviewers=6, subtask_types=[work_pb2.SUBTASK_TYPE_REVIEW, 99]),  # type: ignore[list-item]
         scorers=["peer-review"],
     )
-    assert [field for field, _ in _policy.problems(bad)] == [
+    assert [field for field, _ in policies.problems(bad)] == [
         "policy.peer_review.reviewers",
         "policy.peer_review.subtask_types[0]",
         "policy.peer_review.subtask_types[1]",

@@ -1,8 +1,4 @@
-"""Scorers: one small interface (:class:`Scorer`), registered by name, one scorer per file.
-
-Adding a scorer is one new module here that calls :func:`register` and one import line below; see
-docs/evaluation.md.
-"""
+"""Scorers: one small interface (:class:`Scorer`), registered by name, one scorer per file (docs/evaluation.md)."""
 
 from ._base import Dimension, Finding, Measure, Scorer, Severity, Work, register, registered, unregister
 from .bandit import BanditScorer

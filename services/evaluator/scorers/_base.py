@@ -6,27 +6,30 @@ import enum
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from maw.common.v1 import work_pb2
+from maw.evaluator.v1 import resources_pb2 as epb
+
 from ..diffs import ChangedFile
 
 
 class Dimension(enum.IntEnum):
     """A quality dimension (values equal maw.evaluator.v1.Dimension)."""
 
-    CODE_QUALITY = 1
-    COMPLETENESS = 2
-    SECURITY = 3
-    ARCHITECTURE = 4
-    TESTABILITY = 5
+    CODE_QUALITY = epb.DIMENSION_CODE_QUALITY
+    COMPLETENESS = epb.DIMENSION_COMPLETENESS
+    SECURITY = epb.DIMENSION_SECURITY
+    ARCHITECTURE = epb.DIMENSION_ARCHITECTURE
+    TESTABILITY = epb.DIMENSION_TESTABILITY
 
 
 class Severity(enum.IntEnum):
     """How bad a finding is (values equal maw.common.v1.Severity)."""
 
-    INFO = 1
-    LOW = 2
-    MEDIUM = 3
-    HIGH = 4
-    CRITICAL = 5
+    INFO = work_pb2.SEVERITY_INFO
+    LOW = work_pb2.SEVERITY_LOW
+    MEDIUM = work_pb2.SEVERITY_MEDIUM
+    HIGH = work_pb2.SEVERITY_HIGH
+    CRITICAL = work_pb2.SEVERITY_CRITICAL
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Policies as protos: the default, the overlay rule, validation, and the domain view (private)."""
+"""Policies as protos: the default, the overlay rule, validation, and the domain view of a policy."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .scoring import DEFAULT_WEIGHTS
 DEFAULT_NAME = "policies/default"
 MAX_REVIEWERS = 5  # per result and per voting round; the scheduler creates at most this many (scheduler/reviews.py)
 MAX_SOLUTIONS = 10  # competing solutions per voted subtask (scheduler/voting.py)
+_FREQUENCIES = {int(f) for f in Frequency}
 _NOT_REVIEWED = {work_pb2.SUBTASK_TYPE_UNSPECIFIED, work_pb2.SUBTASK_TYPE_REVIEW}
 _SUBTASK_TYPES = frozenset(work_pb2.SubtaskType.values()) - _NOT_REVIEWED
 # FREQUENCY is off in the built-in default (a task that sets its own checkpoint_frequency turns it on, see
@@ -92,7 +93,7 @@ def problems(policy: epb.Policy, prefix: str = "policy") -> list[tuple[str, str]
         seen.add(w.dimension)
         if not math.isfinite(w.weight) or w.weight < 0:
             found.append((f"{prefix}.weights[{i}].weight", "must be 0 or more"))
-    if policy.checkpoint_frequency not in {0, 1, 2, 3}:
+    if policy.checkpoint_frequency not in work_pb2.CheckpointFrequency.values():
         found.append((f"{prefix}.checkpoint_frequency", "must be LOW, MEDIUM or HIGH"))
     for i, trigger in enumerate(policy.triggers):
         if trigger not in {int(t) for t in Trigger}:
@@ -128,7 +129,7 @@ def rules_of(policy: epb.Policy) -> Rules:
         review_threshold=policy.review_threshold,
         max_correction_cycles=policy.max_correction_cycles,
         triggers=frozenset(Trigger(t) for t in policy.triggers if t in {int(x) for x in Trigger}),
-        frequency=Frequency(policy.checkpoint_frequency) if policy.checkpoint_frequency in {1, 2, 3} else None,
+        frequency=Frequency(policy.checkpoint_frequency) if policy.checkpoint_frequency in _FREQUENCIES else None,
     )
 
 
