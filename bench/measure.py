@@ -31,14 +31,18 @@ def _cpu_s(proc: psutil.Process) -> float:
     """User + system CPU seconds of a process and all its descendants, live or reaped."""
     try:
         total = proc.cpu_times()
-        # Children that exited and were reaped (PostgreSQL backends, tool subprocesses) count in children_*.
-        value = total.user + total.system + total.children_user + total.children_system
-        for child in proc.children(recursive=True):
-            with_child = child.cpu_times()
-            value += with_child.user + with_child.system
-        return float(value)
+        children = proc.children(recursive=True)
     except psutil.Error:
         return 0.0
+    # Children that exited and were reaped (PostgreSQL backends, tool subprocesses) count in children_*.
+    value = total.user + total.system + total.children_user + total.children_system
+    for child in children:
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue  # gone between the listing and the reading: its parent's children_* has it (or will)
+        value += times.user + times.system
+    return float(value)
 
 
 class CpuMeter:
