@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 BREAKING_AGAINST ?= .git\#branch=main
 PYTEST_ARGS ?=
 
-.PHONY: up dashboard chromium bubblewrap test lint typecheck protos-lint breaking generate unit integration bench bench-dashboard clean help
+.PHONY: up dashboard chromium bubblewrap test lint typecheck protos-lint breaking generate unit integration bench bench-peers bench-dashboard clean help
 
 help:
 	@echo "make up        run the whole mesh (PostgreSQL, Redis, services, Envoy) until Ctrl-C"
 	@echo "make test      ruff, mypy, buf lint/breaking, then every pytest test"
 	@echo "make generate  regenerate gen/python from protos/ with buf"
-	@echo "make bench     run the benchmarks under bench/ (JSON on the last line)"
+	@echo "make bench     the core loop's throughput, idle latency and CPU per subtask (JSON last line; docs/benchmarks.md)"
+	@echo "make bench-peers  the same, beside PgQueuer and Celery on the same servers (requirements/bench.txt)"
 	@echo "make bench-dashboard  scheduler commit -> browser render latency of the dashboard (JSON last line)"
 	@echo "make dashboard build the web dashboard into dashboard/dist (only when its sources changed)"
 
@@ -78,8 +79,18 @@ unit: $(STAMP)
 integration: $(STAMP) dashboard chromium bubblewrap
 	$(BIN)/python -m pytest tests/integration tests/e2e $(PYTEST_ARGS)
 
+# Both modes (in-process no-op, SHELL subprocess in a git worktree), backlog and idle figures; BENCH_* knobs
+# in docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/python -m bench.throughput
+
+# The same invocation plus the peers PgQueuer and Celery (Redis broker) on the same embedded servers.
+bench-peers: $(VENV)/.bench-installed
+	BENCH_PEERS=1 $(BIN)/python -m bench.throughput
+
+$(VENV)/.bench-installed: requirements/bench.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements/bench.txt
+	touch $@
 
 # Subtask state change committed in the scheduler -> shown in Chromium (bench/dashboard_latency.py).
 bench-dashboard: $(STAMP) dashboard chromium

@@ -41,7 +41,7 @@ from maw.scheduler.v1 import resources_pb2 as spb
 from maw.scheduler.v1 import task_service_pb2 as tpb
 from maw.scheduler.v1 import task_service_pb2_grpc as tpb_grpc
 
-from bench.throughput import percentile
+from bench.measure import percentile
 from deploy.local import Endpoints, Stack
 from deploy.local.dashboard import DASHBOARD, build
 from tests.integration.clients import Metadata, ScriptedAgent, enroll, eventually, login

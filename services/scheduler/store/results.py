@@ -30,10 +30,10 @@ async def insert_results(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) 
     if rows:
         await conn.execute(
             text(
-                "INSERT INTO results (task_id, key, attempt, result_id, worker, outcome, duration_ms, body)"
-                " SELECT * FROM unnest(CAST(:t AS text[]), CAST(:k AS text[]), CAST(:a AS int[]),"
-                " CAST(:r AS text[]), CAST(:w AS text[]), CAST(:o AS smallint[]), CAST(:d AS bigint[]),"
-                " CAST(:b AS bytea[])) ON CONFLICT DO NOTHING"
+                "INSERT INTO results (task_id, key, attempt, result_id, worker, outcome, duration_ms, body,"
+                " commit_time) SELECT *, clock_timestamp() FROM unnest(CAST(:t AS text[]), CAST(:k AS text[]),"
+                " CAST(:a AS int[]), CAST(:r AS text[]), CAST(:w AS text[]), CAST(:o AS smallint[]),"
+                " CAST(:d AS bigint[]), CAST(:b AS bytea[])) ON CONFLICT DO NOTHING"
             ),
             {
                 "t": [r["task_id"] for r in rows],
