@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import json_format
 from maw.registry.v1 import activity_intake_service_pb2 as aintake_pb
 from maw.registry.v1 import activity_intake_service_pb2_grpc as aintake_grpc
 from maw.registry.v1 import credential_intake_service_pb2 as cintake_pb
@@ -158,32 +159,29 @@ class ActivityIntakeServicer(aintake_grpc.ActivityIntakeServiceServicer):
             seen.add(record.entry_id)
         if bad:
             raise invalid_argument(bad[:50])
-        from google.protobuf import json_format
-
+        rows = [
+            {
+                "entry_id": record.entry_id,
+                "time": convert.from_ts(record.entry.time) if record.entry.HasField("time") else now(),
+                "actor_kind": record.entry.actor.kind or res.ACTOR_KIND_SERVICE,
+                "actor_name": record.entry.actor.name or service,
+                "actor_api_token": record.entry.actor.api_token,
+                "actor_peer": record.entry.actor.peer,
+                "verb": record.entry.verb,
+                "resource": record.entry.resource,
+                "task": record.entry.task,
+                "subtask": record.entry.subtask,
+                "worker": record.entry.worker,
+                "level": record.entry.level or res.ACTIVITY_LEVEL_INFO,
+                "summary": redact(record.entry.summary),
+                "details": activity_log.scrub(json_format.MessageToDict(record.entry.details)),
+                "service": service,
+                "trace_id": record.entry.trace_id,
+            }
+            for record in request.records
+        ]
         async with self.r.sessions() as session, session.begin():
             await store.lock_log(session, "activity")
-            for record in request.records:
-                entry = record.entry
-                await store.add_activity_once(
-                    session,
-                    {
-                        "entry_id": record.entry_id,
-                        "time": convert.from_ts(entry.time) if entry.HasField("time") else now(),
-                        "actor_kind": entry.actor.kind or res.ACTOR_KIND_SERVICE,
-                        "actor_name": entry.actor.name or service,
-                        "actor_api_token": entry.actor.api_token,
-                        "actor_peer": entry.actor.peer,
-                        "verb": entry.verb,
-                        "resource": entry.resource,
-                        "task": entry.task,
-                        "subtask": entry.subtask,
-                        "worker": entry.worker,
-                        "level": entry.level or res.ACTIVITY_LEVEL_INFO,
-                        "summary": redact(entry.summary),
-                        "details": activity_log.scrub(json_format.MessageToDict(entry.details)),
-                        "service": service,
-                        "trace_id": entry.trace_id,
-                    },
-                )
+            await store.add_activity_once(session, rows)
         await self.r.feeds.publish(ACTIVITY_FEED)
         return aintake_pb.AppendActivityResponse(entry_ids=[r.entry_id for r in request.records])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -20,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     SmallInteger,
     String,
+    Table,
     Text,
     and_,
     delete,
@@ -353,9 +354,14 @@ async def worker_events_after(session: AsyncSession, sequence: int, limit: int) 
 # -- the activity log --------------------------------------------------------------------------------------------
 
 
-async def add_activity_once(session: AsyncSession, values: Mapping[str, Any]) -> None:
-    """Insert one activity row unless its ``entry_id`` is already there (call under :func:`lock_log`)."""
-    await session.execute(insert(Activity).values(**values).on_conflict_do_nothing(index_elements=["entry_id"]))
+_ADD_ACTIVITY = insert(cast(Table, Activity.__table__)).on_conflict_do_nothing(index_elements=["entry_id"])
+
+
+async def add_activity_once(session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert activity rows, each unless its ``entry_id`` is already there, in one statement batch (call under
+    :func:`lock_log`; every row names every column)."""
+    if rows:
+        await session.execute(_ADD_ACTIVITY, list(rows))
 
 
 async def activity_page(

@@ -4,10 +4,15 @@
   of each agent stream this replica holds (and the streams that closed since), so the registry's
   presence keys and catalog follow the agents without a database write per heartbeat.
 - Activity: every state change is first a row in this schema's task event log (written in the
-  same transaction as the change). A relay ships those rows to the registry's activity log in
-  batches, idempotent by ``scheduler-event-{id}``, and advances a cursor only after the registry
-  acknowledged them, so a crash anywhere repeats a batch at worst and never loses one. One replica
-  at a time relays (a PostgreSQL advisory lock); the others stand by.
+  same transaction as the change). A relay ships what people need from it to the registry's activity
+  log: every task transition and plan, and of a subtask the moves that say who did what or that
+  something went wrong (it ended, and on which worker; it went back for correction or to a person; an
+  attempt ended without a result and it was queued again). The automatic hops in between (ready,
+  assigned, running, evaluating) stay in the task's own event log (WatchTask, ListTaskEvents), so the
+  registry does not take an insert per hop. Batches are idempotent by ``scheduler-event-{id}``; the
+  cursor advances only after the registry acknowledged them, so a crash anywhere repeats a batch at
+  worst and never loses one. One replica at a time relays (relay_lock.RelayLock: no transaction is
+  open while the registry is called); the others stand by.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ from maw.registry.v1 import worker_intake_service_pb2 as wipb
 from maw.registry.v1 import worker_intake_service_pb2_grpc as wipb_grpc
 from maw.scheduler.v1 import resources_pb2 as spb
 from maw.scheduler.v1 import task_service_pb2 as tpb
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime.internal import internal_channel
 
+from . import store
 from .engine import Engine
+from .relay_lock import RelayLock
 from .session import Session
 from .settings import SchedulerSettings
 from .wire import dur, ts
@@ -43,6 +49,27 @@ STATE_KINDS = (
     tpb.TaskEvent.SUBTASK_STATE_CHANGED_FIELD_NUMBER,
     tpb.TaskEvent.SUBTASKS_ADDED_FIELD_NUMBER,
 )
+# Subtask moves that reach the activity log: where it ended up, where a person or a correction takes it, and
+# an attempt that ended without a result (from a leased state back to READY or PENDING).
+NOTABLE_SUBTASK_STATES = frozenset(
+    {
+        spb.SUBTASK_STATE_SUCCEEDED,
+        spb.SUBTASK_STATE_FAILED,
+        spb.SUBTASK_STATE_CANCELLED,
+        spb.SUBTASK_STATE_CORRECTING,
+        spb.SUBTASK_STATE_WAITING_CHECKPOINT,
+        spb.SUBTASK_STATE_BLOCKED,
+        spb.SUBTASK_STATE_NOT_SELECTED,
+    }
+)
+_LEASED = frozenset({spb.SUBTASK_STATE_ASSIGNED, spb.SUBTASK_STATE_RUNNING})
+_WAITING = frozenset({spb.SUBTASK_STATE_READY, spb.SUBTASK_STATE_PENDING})
+
+
+def notable(change: tpb.SubtaskStateChanged) -> bool:
+    """Whether a subtask's move belongs in the activity log (see the module's docstring)."""
+    new = change.subtask.state
+    return new in NOTABLE_SUBTASK_STATES or (change.previous_state in _LEASED and new in _WAITING)
 
 
 def report_of(session: Session, replica: str, interval_s: float, connected: bool) -> wipb.WorkerReport:
@@ -89,6 +116,8 @@ def activity_of(event_id: int, body: bytes) -> aipb.ActivityRecord | None:
     )
     if kind == "subtask_state_changed":
         change = event.subtask_state_changed
+        if not notable(change):
+            return None
         old = spb.SubtaskState.Name(change.previous_state).removeprefix("SUBTASK_STATE_")
         new = spb.SubtaskState.Name(change.subtask.state).removeprefix("SUBTASK_STATE_")
         entry.verb = "subtask." + new.lower()
@@ -161,65 +190,54 @@ class RegistryLink:
     async def _add_tool_stats(self, reports: list[wipb.WorkerReport]) -> None:
         """Each worker's success rate and mean duration per tool, from this schema's totals."""
         async with self.db.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    "SELECT worker, tool, finished, succeeded, total_duration_ms FROM worker_tool_stats"
-                    " WHERE worker = ANY(:w)"
-                ),
-                {"w": [r.worker for r in reports]},
-            )
+            rows = await store.tool_stats(conn, [r.worker for r in reports])
             stats: dict[str, list[machine_pb2.ToolStats]] = {}
-            for worker, tool, finished, succeeded, total_ms in rows:
-                stats.setdefault(worker, []).append(
+            for row in rows:
+                finished = row.finished
+                stats.setdefault(row.worker, []).append(
                     machine_pb2.ToolStats(
-                        tool=tool,
+                        tool=row.tool,
                         finished_count=finished,
-                        succeeded_count=succeeded,
-                        success_rate=succeeded / finished if finished else 0.0,
-                        mean_duration=dur(total_ms / finished / 1000 if finished else 0.0),
+                        succeeded_count=row.succeeded,
+                        success_rate=row.succeeded / finished if finished else 0.0,
+                        mean_duration=dur(row.total_duration_ms / finished / 1000 if finished else 0.0),
                     )
                 )
         for report in reports:
             report.tool_stats.extend(stats.get(report.worker, []))
 
     async def _relay(self) -> None:
-        async with internal_channel(self.settings, self.settings.registry_addr) as channel:
-            stub: aipb_grpc.ActivityIntakeServiceAsyncStub = aipb_grpc.ActivityIntakeServiceStub(channel)
-            while True:
-                try:
-                    shipped = await self._relay_once(stub)
-                except Exception as exc:  # registry or database away: the cursor did not move, retry
-                    _log.debug("activity relay failed: %s", exc)
-                    shipped = 0
-                if shipped < RELAY_BATCH:
-                    await asyncio.sleep(1.0)
+        lock = RelayLock(self.db, RELAY_LOCK)
+        try:
+            async with internal_channel(self.settings, self.settings.registry_addr) as channel:
+                stub: aipb_grpc.ActivityIntakeServiceAsyncStub = aipb_grpc.ActivityIntakeServiceStub(channel)
+                while True:
+                    try:
+                        shipped = await self._relay_once(lock, stub) if await lock.held() else 0
+                    except Exception as exc:  # registry or database away: the cursor did not move, retry
+                        _log.debug("activity relay failed: %s", exc)
+                        shipped = 0
+                    if shipped < RELAY_BATCH:
+                        await asyncio.sleep(1.0)
+        finally:
+            await lock.release()
 
-    async def _relay_once(self, stub: aipb_grpc.ActivityIntakeServiceAsyncStub) -> int:
+    async def _relay_once(self, lock: RelayLock, stub: aipb_grpc.ActivityIntakeServiceAsyncStub) -> int:
+        """Ship one batch: read it (no transaction left open), call the registry, then advance the cursor."""
+        async with self.db.connect() as conn:
+            cursor = await store.relay_cursor(conn, "activity")
+            rows = await store.events_after(conn, cursor, STATE_KINDS, RELAY_BATCH)
+            await conn.rollback()
+        if not rows:
+            return 0
+        records = [r for row in rows if (r := activity_of(row.id, row.body)) is not None]
+        if records:
+            await stub.AppendActivity(aipb.AppendActivityRequest(records=records), timeout=30)
+        if not await lock.held():
+            return 0  # lost the lock meanwhile: whoever holds it now repeats the batch (idempotent)
         async with self.db.begin() as conn:
-            if not (await conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": RELAY_LOCK})).scalar():
-                return 0  # another replica relays
-            cursor = (
-                await conn.execute(text("SELECT last_id FROM relay_cursor WHERE name = 'activity'"))
-            ).scalar_one_or_none() or 0
-            rows = (
-                await conn.execute(
-                    text("SELECT id, body FROM task_events WHERE id > :c AND kind = ANY(:k) ORDER BY id LIMIT :n"),
-                    {"c": cursor, "k": list(STATE_KINDS), "n": RELAY_BATCH},
-                )
-            ).all()
-            if not rows:
-                return 0
-            records = [r for row in rows if (r := activity_of(row[0], row[1])) is not None]
-            if records:
-                await stub.AppendActivity(aipb.AppendActivityRequest(records=records), timeout=30)
-            await conn.execute(
-                text(
-                    "INSERT INTO relay_cursor (name, last_id) VALUES ('activity', :i)"
-                    " ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id"
-                ),
-                {"i": rows[-1][0]},
-            )
-            return len(rows)
+            await store.advance_cursor(conn, "activity", rows[-1].id)
+        return len(rows)
 
 
-__all__ = ["RegistryLink", "activity_of", "report_of"]
+__all__ = ["NOTABLE_SUBTASK_STATES", "RegistryLink", "activity_of", "notable", "report_of"]

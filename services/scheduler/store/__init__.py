@@ -4,10 +4,11 @@ Hot-path statements (claims, result commits, lease renewals, expiry) take arrays
 round trip, so throughput is bounded by PostgreSQL's commit rate divided by the batch size rather than by
 per-item round trips. Row locks are always taken subtasks first, then tasks, each in key order, so
 concurrent replicas cannot deadlock on each other's batches. One module per area: rows (row types),
-tasks, subtasks, results, events, saved (templates and stats).
+tasks, subtasks, results, events, saved (templates and stats), relays (the relays' cursors and lock).
 """
 
 from .events import allocate_sequences, insert_events, read_events
+from .relays import advance_cursor, events_after, relay_cursor, still_connected, tool_stats, try_session_lock
 from .results import existing_results, insert_results, latest_results, record_tool_stats
 from .rows import SubtaskRow, TaskRow
 from .saved import (
@@ -52,12 +53,14 @@ from .tasks import (
 __all__ = [
     "SubtaskRow",
     "TaskRow",
+    "advance_cursor",
     "allocate_sequences",
     "bump_task_counters",
     "cancel_live_subtasks",
     "claim_candidates",
     "count_tasks",
     "delete_template",
+    "events_after",
     "existing_results",
     "expired_leases",
     "find_task_by_request",
@@ -81,6 +84,7 @@ __all__ = [
     "read_events",
     "ready_sample",
     "record_tool_stats",
+    "relay_cursor",
     "release_dependents",
     "renew_leases",
     "requeue",
@@ -89,6 +93,9 @@ __all__ = [
     "set_subtask_states",
     "set_unschedulable",
     "state_counts",
+    "still_connected",
+    "tool_stats",
+    "try_session_lock",
     "update_task",
     "update_template",
 ]

@@ -98,11 +98,21 @@ def prefixed(alias: str, row_type: type[TaskRow] | type[SubtaskRow]) -> str:
     return ", ".join(f"{alias}.{c}" for c in row_type.__dataclass_fields__)
 
 
+def _built(row_type: Any, fields: tuple[str, ...], rows: Sequence[Any]) -> list[Any]:
+    """Rows as ``row_type``: by position once the result's column names are checked to be ``fields`` in order
+    (the hot path: one check per result, not a name lookup per value), else value by value by name."""
+    if not rows:
+        return []
+    if tuple(rows[0]._fields) == fields:
+        return [row_type(*r) for r in rows]
+    return [row_type(**{c: r._mapping[c] for c in fields}) for r in rows]
+
+
 def task_rows(rows: Sequence[Any]) -> list[TaskRow]:
     """Tasks from result rows that select TASK_COLS."""
-    return [TaskRow(**{c: r._mapping[c] for c in TASK_FIELDS}) for r in rows]
+    return _built(TaskRow, TASK_FIELDS, rows)
 
 
 def subtask_rows(rows: Sequence[Any]) -> list[SubtaskRow]:
     """Subtasks from result rows that select SUBTASK_COLS."""
-    return [SubtaskRow(**{c: r._mapping[c] for c in SUBTASK_FIELDS}) for r in rows]
+    return _built(SubtaskRow, SUBTASK_FIELDS, rows)
