@@ -369,6 +369,8 @@ async def test_a_rollback_past_a_vote_lets_the_solutions_vote_again_in_a_new_rou
 
     await eventually(tied, 30, "the tie's checkpoint")
     (checkpoint,) = await tied()
+    # The evaluator opens the checkpoint before the scheduler has applied its pause: roll back once it holds.
+    await reaches(channels, admin, name, spb.TASK_STATE_WAITING_CHECKPOINT, 30, "the task to pause at the tie")
     preview = await stub.PreviewRollback(cpb.PreviewRollbackRequest(name=checkpoint.name), metadata=admin, timeout=15)
     assert set(preview.effect.reset_subtasks) == {f"{name}/subtasks/implement", f"{name}/subtasks/implement-alt-1"}
     await stub.RollbackToCheckpoint(
