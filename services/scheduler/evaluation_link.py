@@ -320,35 +320,19 @@ class EvaluationLink:
         async with self.db.begin() as conn:
             if not (await conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": UPDATES_LOCK})).scalar():
                 return 0
-            cursor = (
-                await conn.execute(text("SELECT last_id FROM relay_cursor WHERE name = 'evaluation'"))
-            ).scalar_one_or_none() or 0
-            rows = (
-                await conn.execute(
-                    text(
-                        "SELECT id, task_id, kind, body FROM task_events WHERE id > :c AND kind = ANY(:k)"
-                        " ORDER BY id LIMIT :n"
-                    ),
-                    {"c": cursor, "k": list(UPDATE_KINDS), "n": UPDATES_BATCH},
-                )
-            ).all()
+            cursor = await store.relay_cursor(conn, "evaluation")
+            rows = await store.events_after(conn, cursor, UPDATE_KINDS, UPDATES_BATCH)
             if not rows:
                 return 0
-            for task_id in dict.fromkeys(r[1] for r in rows if r[2] == UPDATE_KINDS[1]):
+            for task_id in dict.fromkeys(r.task_id for r in rows if r.kind == UPDATE_KINDS[1]):
                 await _register(stub, conn, task_id)
-            updates = [u for r in rows if (u := update_of(r[0], r[3])) is not None]
+            updates = [u for r in rows if (u := update_of(r.id, r.body)) is not None]
             if updates:
                 reply = await stub.ReportTaskUpdates(ipb.ReportTaskUpdatesRequest(updates=updates), timeout=30)
                 for ack in reply.acks:
                     if ack.disposition == ipb.INTAKE_DISPOSITION_REJECTED:
                         _log.error("the evaluator rejected task update %s: %s", ack.update_id, ack.message)
-            await conn.execute(
-                text(
-                    "INSERT INTO relay_cursor (name, last_id) VALUES ('evaluation', :i)"
-                    " ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id"
-                ),
-                {"i": rows[-1][0]},
-            )
+            await store.advance_cursor(conn, "evaluation", rows[-1].id)
             return len(rows)
 
     async def relay_once(self, stub: ipb_grpc.EvaluationIntakeServiceAsyncStub) -> int:

@@ -27,9 +27,10 @@ async def advance_cursor(conn: AsyncConnection, name: str, last_id: int) -> None
 
 
 async def events_after(conn: AsyncConnection, after: int, kinds: Sequence[int], limit: int) -> list[Any]:
-    """Up to ``limit`` task events of ``kinds`` past the id ``after``, oldest first (rows: id, body)."""
+    """Up to ``limit`` task events of ``kinds`` past the id ``after``, oldest first (rows: id, task_id, kind,
+    body)."""
     rows = await conn.execute(
-        text("SELECT id, body FROM task_events WHERE id > :c AND kind = ANY(:k) ORDER BY id LIMIT :n"),
+        text("SELECT id, task_id, kind, body FROM task_events WHERE id > :c AND kind = ANY(:k) ORDER BY id LIMIT :n"),
         {"c": after, "k": list(kinds), "n": limit},
     )
     return list(rows.all())
